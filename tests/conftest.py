@@ -1,0 +1,31 @@
+"""Shared fixtures. Nothing here downloads: models are tiny open_clip configs, images are made."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Must be set before open_clip / huggingface_hub are imported anywhere.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+import numpy as np
+import pytest
+import torch
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def tiny_model_config() -> Path:
+    """Path to a tiny open_clip model-config JSON (3 layers, width 32, 32x32 images, 17 tokens)."""
+    return FIXTURES / "tiny-vit.json"
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+    np.random.seed(0)
