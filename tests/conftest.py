@@ -29,3 +29,19 @@ def tiny_model_config() -> Path:
 def _seed() -> None:
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+@pytest.fixture
+def tiny_teacher_config(tiny_model_config: Path):
+    """`TeacherConfig` of the tiny open_clip model (random weights, seeded: same everywhere)."""
+    from clt_lightning.teacher import TeacherConfig
+
+    return TeacherConfig(model_config=str(tiny_model_config))
+
+
+@pytest.fixture
+def tiny_teacher(tiny_teacher_config):
+    """A frozen `Teacher` on the tiny model: 3 layers, d=32, 17 tokens, 32x32 images (~0.3 s)."""
+    from clt_lightning.teacher import Teacher
+
+    return Teacher(tiny_teacher_config)
