@@ -1,0 +1,123 @@
+"""The `clt` command: LightningCLI for fit/validate/test plus cache, evaluate, retrieve, export.
+
+One YAML describes a run (`model:`, `data:`, `trainer:`) and every subcommand reads the same
+file, so the teacher and dataset are written down once:
+
+    clt cache    --config configs/cifar100_b32_relu_topk.yaml      # write activation caches
+    clt fit      --config configs/cifar100_b32_relu_topk.yaml      # train the CLT
+    clt evaluate --config configs/cifar100_b32_relu_topk.yaml --ckpt_path runs/.../last.ckpt
+    clt retrieve --config ... --ckpt_path ... --retrieval.query_index 3
+    clt export   --config ... --ckpt_path ... --output_dir exported/
+
+The extra subcommands are methods of `CLTTrainer`, which is how LightningCLI builds a
+subcommand parser from a signature; they only coordinate, the work lives in the package.
+Errors caused by the user (`CLTError`) are printed as one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from lightning.pytorch import Trainer  # noqa: E402
+from lightning.pytorch.cli import LightningCLI  # noqa: E402
+
+from clt_lightning.data.datamodule import ActivationDataModule  # noqa: E402
+from clt_lightning.errors import CLTError, DataNotFoundError  # noqa: E402
+from clt_lightning.loggers import default_loggers  # noqa: E402
+from clt_lightning.module import CLTModule  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def load_checkpoint(ckpt_path: str | Path) -> CLTModule:
+    """Load a CLTModule checkpoint without unpickling arbitrary objects.
+
+    Args:
+        ckpt_path: A Lightning `.ckpt` written by `clt fit`.
+
+    Raises:
+        DataNotFoundError: The file does not exist.
+    """
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise DataNotFoundError(f"checkpoint not found: {path}")
+    return CLTModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+
+
+class CLTTrainer(Trainer):
+    """Lightning Trainer with the project's extra subcommands as methods."""
+
+    def cache(self, model: CLTModule, datamodule: ActivationDataModule) -> None:
+        """Write the train and val activation caches described by the `data:` section.
+
+        Resumes an interrupted cache; refuses a cache made by another teacher or dataset.
+        """
+        datamodule.prepare_cache()
+
+    def export(self, model: CLTModule, datamodule: ActivationDataModule, ckpt_path: str,
+               output_dir: str) -> None:
+        """Write a standalone CLT (safetensors + config.json) that works on raw activations.
+
+        Args:
+            ckpt_path: Checkpoint written by `clt fit`.
+            output_dir: Folder for `config.json` and `clt.safetensors`.
+        """
+        trained = load_checkpoint(ckpt_path)
+        trained.clt.save_pretrained(output_dir)
+        log.info("exported %s to %s", ckpt_path, output_dir)
+
+
+class CLTLightningCLI(LightningCLI):
+    """LightningCLI with the project's defaults and subcommands."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        commands = LightningCLI.subcommands()
+        commands.update(
+            cache={"model", "datamodule"},
+            export={"model", "datamodule"},
+        )
+        return commands
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Resolve `trainer.logger: true` into the run folder's CSV and W&B loggers."""
+        config = self._get(self.config_init, "trainer", default={})
+        if config.get("logger") in (None, True) and self.subcommand in ("fit", "validate", "test"):
+            root = config.get("default_root_dir") or "runs/default"
+            kwargs["logger"] = default_loggers(root)
+        return super().instantiate_trainer(**kwargs)
+
+
+def build_cli(args: list[str] | None = None, run: bool = True) -> CLTLightningCLI:
+    """Build (and by default run) the CLI; `args` replaces sys.argv[1:] (for tests)."""
+    return CLTLightningCLI(
+        CLTModule,
+        ActivationDataModule,
+        trainer_class=CLTTrainer,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        parser_kwargs={"default_env": False},
+        args=args,
+        run=run,
+    )
+
+
+def main(args: list[str] | None = None) -> int:
+    """Entry point of the `clt` console script."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        build_cli(args)
+    except CLTError as error:
+        print(f"clt: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

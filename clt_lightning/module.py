@@ -1,0 +1,263 @@
+"""CLTModule: the LightningModule that trains a CrossLayerTranscoder.
+
+Design decisions:
+- The CLT's shape (n_layers, d_model) and its per-layer normalisation come from the data
+  (the activation cache's manifest and statistics), so the CLT is built in `setup()` from
+  the datamodule, not in `__init__`. The shape is saved in every checkpoint and the CLT is
+  rebuilt from it in `on_load_checkpoint`, so `CLTModule.load_from_checkpoint` works
+  without data.
+- Loss (per batch) = sum over layers l of the normalised MSE
+  `mean_t ||y_hat_scaled_t,l - y_scaled_t,l||^2 / d`, where `y_scaled = y * output_scale[l]`
+  and `output_scale[l] = sqrt(d / E||y_l||^2)`: every layer has mean squared norm d in the
+  scaled space, so each layer's term is its squared error relative to the layer's mean
+  squared norm (1.0 = predicting zero) and layers with large activations do not dominate.
+  The sparsifier adds its own terms (JumpReLU sparsity / pre-activation, TopK AuxK).
+  All tokens ([CLS] and patches) are in the loss, as in the paper.
+- Metrics are computed in the original activation space (see `metrics.py`), for all tokens
+  and separately for [CLS] and patch tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from clt_lightning.errors import CheckpointMismatchError, ConfigError, NonFiniteLossError
+from clt_lightning.metrics import ReconstructionMetrics, flatten_layer_metrics
+from clt_lightning.models.clt import CrossLayerTranscoder
+from clt_lightning.models.sparsifiers import SparsifierConfig
+
+log = logging.getLogger(__name__)
+
+TOKEN_GROUPS = ("all", "cls", "patches")
+
+
+class CLTModule(L.LightningModule):
+    """Train a Cross-Layer Transcoder on token batches of a frozen ViT.
+
+    Args:
+        expansion: Latents per layer as a multiple of d_model (the paper uses 16).
+        n_latents: Latents per layer; overrides `expansion` when set.
+        sparsifier: Sparsifier name and settings (jumprelu, relu_topk, abs_topk, batch_topk).
+        decode: Decoder path: "dense", "sparse" (TopK codes as indices and values) or "auto".
+        lr: Peak AdamW learning rate (paper: 2e-4).
+        betas: AdamW betas.
+        weight_decay: AdamW weight decay.
+        warmup_steps: Linear warm-up steps from 0 to `lr`.
+        schedule: After warm-up, "constant" or "cosine" decay to `min_lr_ratio * lr`.
+        min_lr_ratio: Final learning rate of the cosine schedule, relative to `lr`.
+        n_layers: Set from the data at setup; given only to build without a datamodule.
+        d_model: Set from the data at setup; given only to build without a datamodule.
+    """
+
+    def __init__(
+        self,
+        expansion: int = 16,
+        n_latents: int | None = None,
+        sparsifier: SparsifierConfig = SparsifierConfig(),
+        decode: Literal["dense", "sparse", "auto"] = "auto",
+        lr: float = 2e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.0,
+        warmup_steps: int = 1000,
+        schedule: Literal["constant", "cosine"] = "constant",
+        min_lr_ratio: float = 0.1,
+        n_layers: int | None = None,
+        d_model: int | None = None,
+    ) -> None:
+        super().__init__()
+        if expansion < 1 and n_latents is None:
+            raise ConfigError(f"model.expansion must be >= 1, got {expansion}")
+        if isinstance(sparsifier, dict):  # from a checkpoint's saved hyperparameters
+            sparsifier = SparsifierConfig(**sparsifier)
+        self.sparsifier_config = sparsifier
+        self.save_hyperparameters(ignore=["sparsifier"])
+        self.hparams["sparsifier"] = asdict(self.sparsifier_config)
+        self.clt: CrossLayerTranscoder | None = None
+        if n_layers is not None and d_model is not None:
+            self.build(n_layers, d_model)
+
+    # ------------------------------------------------------------------ construction
+    def build(self, n_layers: int, d_model: int) -> CrossLayerTranscoder:
+        """Create the CLT for a given teacher shape (idempotent for the same shape)."""
+        if self.clt is not None:
+            if (self.clt.n_layers, self.clt.d_model) != (n_layers, d_model):
+                raise CheckpointMismatchError(
+                    f"the CLT has n_layers={self.clt.n_layers}, d_model={self.clt.d_model} "
+                    f"but the data has n_layers={n_layers}, d_model={d_model}"
+                )
+            return self.clt
+        n_latents = self.hparams.n_latents or self.hparams.expansion * d_model
+        self.clt = CrossLayerTranscoder(
+            n_layers, d_model, n_latents, self.sparsifier_config, decode=self.hparams.decode
+        )
+        self.metrics = torch.nn.ModuleDict(
+            {
+                f"{stage}_{group}": ReconstructionMetrics(n_layers, d_model)
+                for stage in ("train", "val", "test")
+                for group in TOKEN_GROUPS
+            }
+        )
+        return self.clt
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        if datamodule is None:
+            if self.clt is None:
+                raise ConfigError("CLTModule needs a datamodule (or n_layers and d_model)")
+            return
+        fresh = self.clt is None
+        self.build(datamodule.n_layers, datamodule.d_model)
+        if fresh:
+            self.clt.set_normalisation(*datamodule.normalisation())
+        if fresh and stage == "fit":
+            self._report_size()
+
+    def _report_size(self) -> None:
+        n_params = self.clt.param_count()
+        estimate = self.clt.memory_estimate()
+        rank_zero_info(
+            f"CLT: {self.clt.n_layers} layers, d_model {self.clt.d_model}, "
+            f"{self.clt.n_latents} latents/layer, {n_params / 1e6:.1f}M parameters; "
+            f"~{estimate / 2**30:.2f} GiB for fp32 weights, gradients and AdamW states"
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["clt_shape"] = {
+            "n_layers": self.clt.n_layers,
+            "d_model": self.clt.d_model,
+            "n_latents": self.clt.n_latents,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        shape = checkpoint.get("clt_shape")
+        if shape is None:
+            raise CheckpointMismatchError("checkpoint has no 'clt_shape': not a CLTModule checkpoint")
+        clt = self.build(shape["n_layers"], shape["d_model"])
+        if clt.n_latents != shape["n_latents"]:
+            raise CheckpointMismatchError(
+                f"checkpoint has n_latents={shape['n_latents']} but the config gives "
+                f"{clt.n_latents} (model.expansion / model.n_latents)"
+            )
+
+    # ------------------------------------------------------------------ training
+    def progress(self) -> float:
+        """Fraction of training done, in [0, 1] (drives the JumpReLU sparsity ramp)."""
+        if not self._trainer:
+            return 1.0
+        total = self.trainer.estimated_stepping_batches
+        if not total or math.isinf(total):
+            return 1.0
+        return min(1.0, self.global_step / total)
+
+    def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor], Any]:
+        """Loss for one token batch: summed per-layer normalised MSE plus sparsifier terms."""
+        output = self.clt(batch["x"])
+        y_scaled = batch["y"] * self.clt.output_scale[None, :, None].to(batch["y"].dtype)
+        per_layer = (output.y_hat_scaled.float() - y_scaled.float()).pow(2).mean(dim=(0, 2))
+        terms = {"mse": per_layer.sum()}
+        terms.update(self.clt.auxiliary_losses(output, y_scaled, self.progress()))
+        loss = sum(terms.values())
+        if not torch.isfinite(loss):
+            self._raise_non_finite(per_layer, terms)
+        return loss, {"per_layer": per_layer, **terms}, output
+
+    def _raise_non_finite(self, per_layer: Tensor, terms: dict[str, Tensor]) -> None:
+        bad_layers = [i for i, v in enumerate(per_layer.tolist()) if not math.isfinite(v)]
+        bad_terms = [k for k, v in terms.items() if not torch.isfinite(v)]
+        raise NonFiniteLossError(
+            f"non-finite loss at global step {self.global_step}: layers {bad_layers} "
+            f"(terms {bad_terms}); the last good checkpoint is kept. Check the inputs for "
+            "NaN/Inf and lower model.lr or set trainer.gradient_clip_val"
+        )
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss, terms, output = self.compute_loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log_dict({f"train/{k}": v for k, v in terms.items() if k != "per_layer"})
+        if batch_idx % max(1, self.trainer.log_every_n_steps) == 0:
+            self._log_dead_fraction()
+        return loss
+
+    def _log_dead_fraction(self) -> None:
+        dead = self.clt.sparsifier.dead_mask().float().mean(dim=1)
+        values = {f"train/dead_fraction/layer_{i:02d}": v for i, v in enumerate(dead.tolist())}
+        values["train/dead_fraction/mean"] = dead.mean().item()
+        self.log_dict(values)
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_step(self, batch: dict[str, Tensor], stage: str) -> None:
+        loss, _, output = self.compute_loss(batch)
+        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True)
+        y_hat, y = output.y_hat.float(), batch["y"].float()
+        l0 = (output.encoding.z != 0).sum(dim=-1)
+        is_cls = batch["token"] == 0
+        for group, mask in (("all", None), ("cls", is_cls), ("patches", ~is_cls)):
+            metric = self.metrics[f"{stage}_{group}"]
+            if mask is None:
+                metric.update(y_hat, y, l0)
+            elif mask.any():
+                metric.update(y_hat[mask], y[mask], l0[mask])
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        flat: dict[str, float] = {}
+        for group in TOKEN_GROUPS:
+            metric = self.metrics[f"{stage}_{group}"]
+            if metric.update_count == 0 and not self.trainer.world_size > 1:
+                continue
+            values = metric.compute()
+            flat.update(flatten_layer_metrics(stage, values, None if group == "all" else group))
+            metric.reset()
+        if flat:
+            self.log_dict(flat, rank_zero_only=True)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(
+            self.clt.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay
+        )
+        total = self.trainer.estimated_stepping_batches if self._trainer else 0
+        total = int(total) if total and not math.isinf(total) else 0
+        lr_lambda = lambda step: lr_factor(  # noqa: E731
+            step, hp.warmup_steps, total, hp.schedule, hp.min_lr_ratio
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Learning-rate multiplier: linear warm-up, then constant or cosine to `min_ratio`.
+
+    Args:
+        step: Optimiser step (0-based).
+        warmup: Warm-up steps (0 for none).
+        total: Total steps (0 when unknown: cosine then behaves as constant).
+        schedule: "constant" or "cosine".
+        min_ratio: Final multiplier of the cosine schedule.
+    """
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))

@@ -1,0 +1,325 @@
+"""Sparse decoding equals the dense decoder, in value and in every gradient."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from clt_lightning.errors import ConfigError
+from clt_lightning.models import sparse_decode as sd
+from clt_lightning.models.sparse_decode import dense_to_sparse, sparse_decode
+
+HAS_CUDA = torch.cuda.is_available()
+HAS_TRITON = sd._triton_available()
+TOLERANCES = {
+    torch.float64: {"rtol": 1e-10, "atol": 1e-12},
+    torch.float32: {"rtol": 1e-5, "atol": 1e-5},
+}
+TORCH_BACKENDS = ["torch", "auto", "embedding_bag", "gather"]
+
+
+@pytest.fixture(
+    params=[
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")],
+        ),
+    ]
+)
+def device(request: pytest.FixtureRequest) -> torch.device:
+    return torch.device(request.param)
+
+
+def make_decoder(
+    n_layers: int, d_model: int, n_latents: int, dtype: torch.dtype, device: torch.device
+) -> tuple[list[Tensor], Tensor]:
+    """Random leaf W_dec[s] [F, L - s, d] and b_dec [L, d]."""
+    W_dec = [
+        torch.randn(n_latents, n_layers - s, d_model, dtype=dtype, device=device).requires_grad_()
+        for s in range(n_layers)
+    ]
+    b_dec = torch.randn(n_layers, d_model, dtype=dtype, device=device).requires_grad_()
+    return W_dec, b_dec
+
+
+def make_codes(
+    n_tokens: int, n_layers: int, n_latents: int, k: int, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Signed values and indices [B, L, k] with the awkward cases built in.
+
+    Token 1 repeats token 0's indices (repeats across tokens), token 2 has all-zero
+    values at every layer, token 3 repeats one index within each row (duplicates are
+    summed, as the dense scatter-add reference does).
+    """
+    indices = torch.rand(n_tokens, n_layers, n_latents).topk(k, dim=-1).indices
+    values = torch.randn(n_tokens, n_layers, k, dtype=torch.float64)
+    indices[1] = indices[0]
+    values[2] = 0.0
+    indices[3, :, 1] = indices[3, :, 0]
+    return values.to(dtype=dtype, device=device).requires_grad_(), indices.to(device)
+
+
+def dense_reference(values: Tensor, indices: Tensor, W_dec: list[Tensor], b_dec: Tensor) -> Tensor:
+    """Scatter codes to dense z [B, L, F], then one matmul per (source, target) pair."""
+    n_tokens, n_layers, _ = values.shape
+    z = values.new_zeros(n_tokens, n_layers, W_dec[0].shape[0]).scatter_add(-1, indices, values)
+    targets = []
+    for target in range(n_layers):
+        y = b_dec[target].expand(n_tokens, -1)
+        for source in range(target + 1):
+            y = y + z[:, source] @ W_dec[source][:, target - source]
+        targets.append(y)
+    return torch.stack(targets, dim=1)
+
+
+def grads(out: Tensor, inputs: list[Tensor], grad_out: Tensor) -> list[Tensor]:
+    return list(torch.autograd.grad(out, inputs, grad_out))
+
+
+def assert_matches_reference(
+    values: Tensor,
+    indices: Tensor,
+    W_dec: list[Tensor],
+    b_dec: Tensor,
+    tol: dict[str, float] | None = None,
+    **kwargs: object,
+) -> None:
+    """Output and gradients (values, every W_dec[s], b_dec) equal the dense reference."""
+    inputs = [values, *W_dec, b_dec]
+    expected = dense_reference(values, indices, W_dec, b_dec)
+    actual = sparse_decode((values, indices), W_dec, b_dec, **kwargs)
+    tol = tol or TOLERANCES[values.dtype]
+    torch.testing.assert_close(actual, expected, **tol)
+    grad_out = torch.randn_like(expected)
+    for got, want in zip(
+        grads(actual, inputs, grad_out), grads(expected, inputs, grad_out), strict=True
+    ):
+        torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("backend", TORCH_BACKENDS)
+def test_sparse_decode_matches_dense_reference(
+    backend: str, dtype: torch.dtype, device: torch.device
+) -> None:
+    W_dec, b_dec = make_decoder(4, 16, 64, dtype, device)
+    values, indices = make_codes(10, 4, 64, 8, dtype, device)
+    assert_matches_reference(values, indices, W_dec, b_dec, backend=backend)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 3 * 8 * 64 * 8])
+def test_gather_backend_chunks_over_tokens(chunk_bytes: int, device: torch.device) -> None:
+    # 1 byte -> one token per chunk; the other -> chunks of 3 tokens with a ragged tail.
+    W_dec, b_dec = make_decoder(4, 16, 64, torch.float64, device)
+    values, indices = make_codes(10, 4, 64, 8, torch.float64, device)
+    assert_matches_reference(
+        values, indices, W_dec, b_dec, backend="gather", chunk_bytes=chunk_bytes
+    )
+
+
+def test_int32_indices_and_leading_dims(device: torch.device) -> None:
+    W_dec, b_dec = make_decoder(3, 8, 32, torch.float64, device)
+    values, indices = make_codes(6, 3, 32, 4, torch.float64, device)
+    flat = sparse_decode((values, indices), W_dec, b_dec)
+    nested = sparse_decode(
+        (values.view(2, 3, 3, 4), indices.view(2, 3, 3, 4).int()), W_dec, b_dec, backend="gather"
+    )
+    assert nested.shape == (2, 3, 3, 8)
+    torch.testing.assert_close(nested.view(6, 3, 8), flat, **TOLERANCES[torch.float64])
+
+
+def test_accepts_named_codes_object(device: torch.device) -> None:
+    class Codes:  # stands in for sparsifiers.SparseCodes (attribute access, any field order)
+        def __init__(self, values: Tensor, indices: Tensor) -> None:
+            self.indices, self.values = indices, values
+
+    W_dec, b_dec = make_decoder(3, 8, 32, torch.float64, device)
+    values, indices = make_codes(5, 3, 32, 4, torch.float64, device)
+    torch.testing.assert_close(
+        sparse_decode(Codes(values, indices), W_dec, b_dec),
+        dense_reference(values, indices, W_dec, b_dec),
+    )
+
+
+def test_dense_codes_input_matches_reference_and_grad(device: torch.device) -> None:
+    W_dec, b_dec = make_decoder(4, 16, 64, torch.float64, device)
+    values, indices = make_codes(6, 4, 64, 8, torch.float64, device)
+    z = torch.zeros(6, 4, 64, dtype=torch.float64, device=device)
+    z = z.scatter_add(-1, indices, values.detach()).requires_grad_()
+    out = sparse_decode(z, W_dec, b_dec)
+    expected = dense_reference(values.detach(), indices, W_dec, b_dec)
+    torch.testing.assert_close(out, expected)
+    # The dense decoder's d/dz at source s is grad_y[:, s:] . W_dec[s]; the sparse path
+    # passes it on only where z is non-zero (documented: enough for TopK, not for JumpReLU).
+    grad_out = torch.randn_like(out)
+    (grad_z,) = torch.autograd.grad(out, z, grad_out)
+    for source in range(4):
+        dense_grad = torch.einsum("btd,ftd->bf", grad_out[:, source:], W_dec[source]).detach()
+        want = torch.where(z[:, source] != 0, dense_grad, 0)
+        torch.testing.assert_close(grad_z[:, source], want)
+
+
+def test_dense_to_sparse_round_trip_and_padding() -> None:
+    z = torch.zeros(3, 2, 10, dtype=torch.float64)
+    z[0, 0, [1, 4, 7]] = torch.tensor([1.5, -2.0, 3.0], dtype=torch.float64)
+    z[0, 1, 0] = -1.0  # an active index 0, which padding repeats
+    z[1, 1, 9] = 0.5  # token 2 stays all zero
+    values, indices = dense_to_sparse(z)
+    assert values.shape == indices.shape == (3, 2, 3)
+    assert indices.dtype == torch.int64
+    rebuilt = torch.zeros_like(z).scatter_add(-1, indices, values)
+    torch.testing.assert_close(rebuilt, z, rtol=0, atol=0)
+    padded = values == 0
+    assert padded.sum() == 3 * 2 * 3 - 5
+    assert (indices[padded] == 0).all()
+
+
+def test_dense_to_sparse_k_bounds() -> None:
+    assert dense_to_sparse(torch.zeros(2, 5))[0].shape == (2, 1)
+    values, _ = dense_to_sparse(torch.tensor([[0.0, 2.0, 0.0, -1.0]]), k=3)
+    assert sorted(values.flatten().tolist()) == [-1.0, 0.0, 2.0]
+    with pytest.raises(ValueError, match="non-zeros but k=1"):
+        dense_to_sparse(torch.tensor([[0.0, 2.0, 0.0, -1.0]]), k=1)
+    with pytest.raises(ValueError, match="exceeds"):
+        dense_to_sparse(torch.zeros(1, 4), k=5)
+
+
+def test_bad_backend_and_shapes() -> None:
+    W_dec, b_dec = make_decoder(2, 4, 8, torch.float32, torch.device("cpu"))
+    values, indices = make_codes(4, 2, 8, 2, torch.float32, torch.device("cpu"))
+    with pytest.raises(ConfigError, match="valid:.*embedding_bag"):
+        sparse_decode((values, indices), W_dec, b_dec, backend="fast")
+    with pytest.raises(ValueError, match=r"W_dec\[1\]"):
+        sparse_decode((values, indices), [W_dec[0], W_dec[0]], b_dec)
+    with pytest.raises(ValueError, match="L=2"):
+        sparse_decode((values[:, :1], indices[:, :1]), W_dec, b_dec)
+
+
+@pytest.mark.skipif(HAS_CUDA and HAS_TRITON, reason="checks the fallback without CUDA+triton")
+def test_auto_never_picks_triton_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(sd.FUSED_ENV_VAR, "1")
+    weight = torch.zeros(2, 2)
+    assert sd._resolve_backend("auto", weight) == "embedding_bag"
+    with pytest.raises(ConfigError, match="triton"):
+        sd._resolve_backend("triton", weight)
+
+
+def test_auto_needs_env_var_for_triton(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sd, "_triton_available", lambda: True)
+    cuda_like = torch.empty(0, device="meta")
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.delenv(sd.FUSED_ENV_VAR, raising=False)
+    assert sd._resolve_backend("auto", cuda_like) == "embedding_bag"
+    monkeypatch.setenv(sd.FUSED_ENV_VAR, "1")
+    assert sd._resolve_backend("auto", cuda_like) == "triton"
+
+
+class _RecordShapes(TorchDispatchMode):
+    """Records the shape of every tensor an aten op returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        for item in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(item, Tensor):
+                self.shapes.append(tuple(item.shape))
+        return out
+
+
+@pytest.mark.parametrize("backend", ["embedding_bag", "gather"])
+def test_no_dense_codes_or_full_gather_are_built(backend: str) -> None:
+    n_tokens, n_layers, d_model, n_latents, k = 7, 4, 16, 1000, 8
+    W_dec, b_dec = make_decoder(n_layers, d_model, n_latents, torch.float32, torch.device("cpu"))
+    values, indices = make_codes(
+        n_tokens, n_layers, n_latents, k, torch.float32, torch.device("cpu")
+    )
+    with _RecordShapes() as recorder:
+        out = sparse_decode((values, indices), W_dec, b_dec, backend=backend, chunk_bytes=1)
+        torch.autograd.grad(out, [values, *W_dec, b_dec], torch.ones_like(out))
+    weight_like = {(n_latents, (n_layers - s) * d_model) for s in range(n_layers)}
+    weight_like |= {(n_latents, n_layers - s, d_model) for s in range(n_layers)}
+    for shape in recorder.shapes:
+        numel = torch.Size(shape).numel()
+        if shape in weight_like:
+            continue  # the decoder's own (dense) gradient
+        assert n_latents not in shape, f"dense code-sized tensor {shape}"
+        assert numel < n_tokens * k * d_model, f"unchunked gather-sized tensor {shape}"
+
+
+def test_paper_like_shape_smoke() -> None:
+    # L and k as in the paper, expansion 16 at a reduced width (F = 16 d), a few tokens.
+    n_layers, d_model, k = 12, 48, 128
+    W_dec, b_dec = make_decoder(n_layers, d_model, 16 * d_model, torch.float32, torch.device("cpu"))
+    values, indices = make_codes(4, n_layers, 16 * d_model, k, torch.float32, torch.device("cpu"))
+    # fp32 sums of up to L * k = 1536 terms of size ~1, in a different order: atol 1e-4.
+    assert_matches_reference(values, indices, W_dec, b_dec, tol={"rtol": 1e-5, "atol": 1e-4})
+
+
+@pytest.mark.slow
+def test_paper_shape_forward_and_values_grad() -> None:
+    # Exact paper shape (W_dec is 2.9 GB in fp32): output and the codes' gradient.
+    n_layers, d_model, n_latents, k = 12, 768, 12_288, 128
+    W_dec = [torch.randn(n_latents, n_layers - s, d_model) for s in range(n_layers)]
+    b_dec = torch.randn(n_layers, d_model)
+    values, indices = make_codes(4, n_layers, n_latents, k, torch.float32, torch.device("cpu"))
+    out = sparse_decode((values, indices), W_dec, b_dec)
+    (grad_values,) = torch.autograd.grad(out, values, torch.ones_like(out))
+    z = torch.zeros(4, n_layers, n_latents).scatter_add(-1, indices, values.detach())
+    expected = b_dec.expand(4, n_layers, d_model).clone()
+    for source in range(n_layers):
+        table = W_dec[source].reshape(n_latents, -1)
+        expected[:, source:] += (z[:, source] @ table).view(4, n_layers - source, d_model)
+        # d out.sum() / d values[b, s, j] = sum of decoder row indices[b, s, j] over targets
+        row_sums = table.sum(1)[indices[:, source]]
+        torch.testing.assert_close(grad_values[:, source], row_sums, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs the triton package")
+def test_triton_kernel_under_cpu_interpreter() -> None:
+    # No GPU here: run the kernel with TRITON_INTERPRET=1 (numpy emulation) in a fresh
+    # process, since the interpreter is chosen when the kernel is decorated.
+    script = textwrap.dedent(
+        """
+        import torch, torch.nn.functional as F
+        from clt_lightning.models.sparse_decode import _triton_gather_accumulate
+        torch.manual_seed(0)
+        table = torch.randn(50, 40)
+        indices = torch.randint(0, 50, (5, 6))
+        indices[1] = indices[0]
+        indices[2, 1] = indices[2, 0]
+        values = torch.randn(5, 6)
+        got = _triton_gather_accumulate(values, indices, table)
+        want = F.embedding_bag(indices, table, per_sample_weights=values, mode="sum")
+        torch.testing.assert_close(got, want)
+        """
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=root, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_triton_backend_matches_dense_reference(dtype: torch.dtype) -> None:
+    device = torch.device("cuda")
+    W_dec, b_dec = make_decoder(4, 16, 64, dtype, device)
+    values, indices = make_codes(10, 4, 64, 8, dtype, device)
+    tol = {"rtol": 1e-5, "atol": 1e-5}  # the kernel accumulates in fp32 even for fp64
+    assert_matches_reference(values, indices, W_dec, b_dec, tol=tol, backend="triton")
