@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -27,27 +26,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from lightning.pytorch import Trainer  # noqa: E402
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
+from clt_lightning import commands  # noqa: E402
 from clt_lightning.data.datamodule import ActivationDataModule  # noqa: E402
-from clt_lightning.errors import CLTError, DataNotFoundError  # noqa: E402
+from clt_lightning.errors import CLTError  # noqa: E402
+from clt_lightning.evaluation.suite import EvaluationConfig  # noqa: E402
 from clt_lightning.loggers import default_loggers  # noqa: E402
 from clt_lightning.module import CLTModule  # noqa: E402
 
 log = logging.getLogger(__name__)
-
-
-def load_checkpoint(ckpt_path: str | Path) -> CLTModule:
-    """Load a CLTModule checkpoint without unpickling arbitrary objects.
-
-    Args:
-        ckpt_path: A Lightning `.ckpt` written by `clt fit`.
-
-    Raises:
-        DataNotFoundError: The file does not exist.
-    """
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise DataNotFoundError(f"checkpoint not found: {path}")
-    return CLTModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
 
 
 class CLTTrainer(Trainer):
@@ -60,16 +46,46 @@ class CLTTrainer(Trainer):
         """
         datamodule.prepare_cache()
 
-    def export(self, model: CLTModule, datamodule: ActivationDataModule, ckpt_path: str,
-               output_dir: str) -> None:
+    def evaluate(
+        self,
+        model: CLTModule,
+        datamodule: ActivationDataModule,
+        ckpt_path: str,
+        evaluation: EvaluationConfig = EvaluationConfig(),
+    ) -> None:
+        """Cascaded replacement, faithfulness, contributions, ablations and reconstruction.
+
+        Args:
+            ckpt_path: Checkpoint written by `clt fit`.
+            evaluation: What to compute and where to write it.
+        """
+        commands.evaluate(datamodule.teacher_config, datamodule.dataset_config, ckpt_path, evaluation)
+
+    def retrieve(
+        self,
+        model: CLTModule,
+        datamodule: ActivationDataModule,
+        ckpt_path: str,
+        retrieval: commands.RetrievalConfig = commands.RetrievalConfig(),
+    ) -> None:
+        """Layer-wise retrieval: per-layer FAISS indexes of sparse codes, and a query grid.
+
+        Args:
+            ckpt_path: Checkpoint written by `clt fit`.
+            retrieval: Index and query settings.
+        """
+        commands.retrieve(datamodule.teacher_config, datamodule.dataset_config, ckpt_path, retrieval)
+
+    def export(
+        self, model: CLTModule, datamodule: ActivationDataModule, ckpt_path: str, output_dir: str
+    ) -> None:
         """Write a standalone CLT (safetensors + config.json) that works on raw activations.
 
         Args:
             ckpt_path: Checkpoint written by `clt fit`.
             output_dir: Folder for `config.json` and `clt.safetensors`.
         """
-        trained = load_checkpoint(ckpt_path)
-        trained.clt.save_pretrained(output_dir)
+        commands.load_clt(ckpt_path).save_pretrained(output_dir)
         log.info("exported %s to %s", ckpt_path, output_dir)
 
 
@@ -81,6 +97,8 @@ class CLTLightningCLI(LightningCLI):
         commands = LightningCLI.subcommands()
         commands.update(
             cache={"model", "datamodule"},
+            evaluate={"model", "datamodule"},
+            retrieve={"model", "datamodule"},
             export={"model", "datamodule"},
         )
         return commands

@@ -1,0 +1,134 @@
+"""Bodies of `clt evaluate`, `clt retrieve` and `clt export` (the CLI only parses).
+
+Each command reads the same run YAML as `clt fit`: the `data:` section says which teacher
+and dataset the CLT belongs to, the checkpoint gives the CLT.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clt_lightning.data.datasets import DatasetConfig, build_dataset
+from clt_lightning.errors import ConfigError, DataNotFoundError
+from clt_lightning.evaluation.suite import EvaluationConfig, RunInfo, backbone_tag, run_suite
+from clt_lightning.teacher import Teacher, TeacherConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RetrievalConfig:
+    """What `clt retrieve` builds and queries.
+
+    Args:
+        output_dir: Folder for the grid PNG and neighbours JSON (default: `<run>/retrieval`).
+        index_dir: Folder of the per-layer FAISS indexes (default: `<run>/retrieval/index_<agg>`).
+        query_path: An image file to query.
+        query_index: Or the index of a validation image to query.
+        k: Neighbours shown per layer.
+        aggregation: Token aggregation of a descriptor: "cls", "patches" or "all".
+        similarity: "cosine" (default), "ip" or "l2".
+        index_type: Force a FAISS factory string (default: chosen by size and memory budget).
+        memory_budget_gb: Memory allowed for all layers' indexes together.
+        batch_size: Images per teacher forward while building.
+        num_workers: DataLoader workers while building.
+        rebuild: Rebuild the indexes even when matching ones exist.
+    """
+
+    output_dir: str | None = None
+    index_dir: str | None = None
+    query_path: str | None = None
+    query_index: int | None = 0
+    k: int = 3
+    aggregation: str = "cls"
+    similarity: str = "cosine"
+    index_type: str | None = None
+    memory_budget_gb: float = 8.0
+    batch_size: int = 64
+    num_workers: int = 0
+    rebuild: bool = False
+
+
+def load_clt(ckpt_path: str | Path) -> Any:
+    """The trained CrossLayerTranscoder of a `clt fit` checkpoint (weights_only load)."""
+    from clt_lightning.module import CLTModule
+
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise DataNotFoundError(f"checkpoint not found: {path} (pass --ckpt_path to a .ckpt file)")
+    module = CLTModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    return module.clt.eval()
+
+
+def run_folder(ckpt_path: str | Path) -> Path:
+    """The run folder of a checkpoint: `<run>/checkpoints/x.ckpt` -> `<run>`."""
+    path = Path(ckpt_path).resolve()
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+
+
+def evaluate(
+    teacher_config: TeacherConfig,
+    dataset_config: DatasetConfig,
+    ckpt_path: str,
+    config: EvaluationConfig,
+) -> dict[str, Any]:
+    """Run the evaluation suite on the validation split; returns the written payloads."""
+    clt = load_clt(ckpt_path)
+    teacher = Teacher(teacher_config)
+    dataset = build_dataset(dataset_config, "val", teacher.preprocess)
+    folder = run_folder(ckpt_path)
+    output_dir = Path(config.output_dir) if config.output_dir else folder / "evaluation"
+    info = RunInfo(
+        run_name=folder.name,
+        dataset=dataset_config.name,
+        backbone=backbone_tag(teacher_config.model_name if not teacher_config.model_config else None),
+        checkpoint=str(ckpt_path),
+    )
+    payloads = run_suite(
+        teacher, clt, dataset, list(dataset.class_names), info, config, output_dir
+    )
+    log.info("evaluation written to %s", output_dir)
+    return payloads
+
+
+def retrieve(
+    teacher_config: TeacherConfig,
+    dataset_config: DatasetConfig,
+    ckpt_path: str,
+    config: RetrievalConfig,
+) -> Any:
+    """Build (or reuse) the per-layer indexes over the train split and query one image."""
+    from clt_lightning.evaluation.retrieval import build_and_query
+
+    if config.query_path is None and config.query_index is None:
+        raise ConfigError("give retrieval.query_path (an image file) or retrieval.query_index")
+    clt = load_clt(ckpt_path)
+    teacher = Teacher(teacher_config)
+    corpus = build_dataset(dataset_config, "train", teacher.preprocess)
+    folder = run_folder(ckpt_path)
+    output_dir = Path(config.output_dir) if config.output_dir else folder / "retrieval"
+    index_dir = config.index_dir or output_dir / f"index_{config.aggregation}"
+    query_dataset = None
+    if config.query_path is None:
+        query_dataset = build_dataset(dataset_config, "val", teacher.preprocess)
+    return build_and_query(
+        teacher,
+        clt,
+        corpus,
+        index_dir,
+        output_dir,
+        query_path=config.query_path,
+        query_index=None if config.query_path else config.query_index,
+        query_dataset=query_dataset,
+        k=config.k,
+        aggregation=config.aggregation,
+        similarity=config.similarity,
+        index_type=config.index_type,
+        memory_budget_bytes=int(config.memory_budget_gb * 2**30),
+        batch_size=config.batch_size,
+        num_workers=config.num_workers,
+        rebuild=config.rebuild,
+    )

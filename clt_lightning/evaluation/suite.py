@@ -1,0 +1,323 @@
+"""The whole evaluation suite for one trained CLT, written into a run folder.
+
+`run_suite` is what `clt evaluate` and `EvaluationCallback` both call. It composes the pure
+functions of this package (cascade, faithfulness, contributions, ablations, reconstruction)
+and writes, into `output_dir`:
+
+    run.json              identity: run name, dataset, backbone, sparsifier, images, checkpoint
+    cascade.json/.md/.csv Tables 6-23 layout: top-1/top-5 per start s -> L-1 and token mode
+    faithfulness.json/.md Table 5 for the chosen windows
+    contributions.json    C[s, l] per token group ((L+1) x L, last row = bias)
+    ablations.json/.md    necessity / sufficiency at the last layer
+    reconstruction.json   per-layer MSE, R^2, cosine, L0 for all / cls / patch tokens
+    *.png                 cascade curves, contribution heatmaps, reconstruction curves
+
+Every file is written atomically; `run.json` is written last, so a folder with `run.json`
+holds a complete evaluation (`experiments/tables.py` relies on that).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from clt_lightning.errors import ConfigError
+from clt_lightning.evaluation import ablations, contributions, faithfulness, replacement, zeroshot
+from clt_lightning.evaluation._io import atomic_write_bytes, write_csv, write_markdown
+from clt_lightning.metrics import ReconstructionMetrics
+
+log = logging.getLogger(__name__)
+
+TOKEN_MODES = ("cls", "patches", "all")
+
+
+@dataclass
+class EvaluationConfig:
+    """What `clt evaluate` (and the evaluation callback) computes.
+
+    Args:
+        output_dir: Folder for the results (default: `<run folder>/evaluation`).
+        n_images: Validation images to evaluate (a fixed seeded subset; None = all).
+        batch_size: Images per teacher forward.
+        num_workers: DataLoader workers decoding images.
+        starts: Start layers s of the cascade s -> L-1 (None = every layer).
+        modes: Token modes replaced: any of "cls", "patches", "all".
+        faithfulness_starts: Windows s -> L-1 for the faithfulness table (None = the
+            paper's 0, L-5, L-2, L-1, i.e. 0-11, 7-11, 10-11, 11 for 12 layers).
+        ablation_k: Sources kept by the sufficiency ablation (paper: 4).
+        classifier_cache: Folder caching zero-shot classifiers per (teacher, dataset).
+        figures: Write PNG figures.
+        seed: Seed of the image subset.
+    """
+
+    output_dir: str | None = None
+    n_images: int | None = None
+    batch_size: int = 64
+    num_workers: int = 0
+    starts: list[int] | None = None
+    modes: list[str] = field(default_factory=lambda: list(TOKEN_MODES))
+    faithfulness_starts: list[int] | None = None
+    ablation_k: int = 4
+    classifier_cache: str | None = ".cache/classifiers"
+    figures: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.modes if m not in TOKEN_MODES]
+        if bad or not self.modes:
+            raise ConfigError(f"evaluation.modes {self.modes} invalid; choose from {TOKEN_MODES}")
+        for key in ("batch_size", "ablation_k"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"evaluation.{key} must be >= 1, got {getattr(self, key)}")
+        if self.n_images is not None and self.n_images < 1:
+            raise ConfigError(f"evaluation.n_images must be >= 1 or null, got {self.n_images}")
+
+
+def backbone_tag(model_name: str | None) -> str:
+    """Short backbone name for tables: "ViT-B-32" -> "b32", "ViT-B-16-quickgelu" -> "b16"."""
+    name = (model_name or "custom").lower().replace("-quickgelu", "")
+    if name.startswith("vit-b-"):
+        return "b" + name.split("-")[2]
+    return name
+
+
+def evaluation_images(dataset: Dataset, n_images: int | None, seed: int) -> Dataset:
+    """A fixed seeded subset of `n_images` images (all when None or larger)."""
+    if len(dataset) == 0:
+        raise ConfigError("the validation split is empty: nothing to evaluate")
+    if n_images is None or n_images >= len(dataset):
+        return dataset
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    return Subset(dataset, sorted(order[:n_images].tolist()))
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode())
+
+
+def reconstruction_metrics(teacher: Any, clt: Any, loader: DataLoader) -> dict[str, dict]:
+    """Per-layer MSE, R^2, cosine and L0 of the CLT on teacher-forced activations.
+
+    Returns:
+        group ("all", "cls", "patches") -> metric -> per-layer list.
+    """
+    metrics = {g: ReconstructionMetrics(clt.n_layers, clt.d_model) for g in TOKEN_MODES}
+    device = next(clt.parameters()).device
+    for images, *_ in tqdm(loader, desc="reconstruction", leave=False):
+        x, y = teacher.capture(images.to(teacher.device))
+        n, t = x.shape[:2]
+        x, y = x.flatten(0, 1).to(device).float(), y.flatten(0, 1).to(device).float()
+        with torch.no_grad():
+            out = clt(x)
+        l0 = (out.encoding.z != 0).sum(-1)
+        is_cls = (torch.arange(t, device=device) == 0).repeat(n)
+        metrics["all"].update(out.y_hat, y, l0)
+        metrics["cls"].update(out.y_hat[is_cls], y[is_cls], l0[is_cls])
+        metrics["patches"].update(out.y_hat[~is_cls], y[~is_cls], l0[~is_cls])
+    return {g: {k: v.tolist() for k, v in m.compute().items()} for g, m in metrics.items()}
+
+
+def _cascade_payload(result: replacement.CascadeResult) -> dict[str, Any]:
+    return {
+        "n_layers": result.n_layers,
+        "n_images": result.n_images,
+        "baseline": result.baseline,
+        "modes": {
+            mode: {"starts": list(result.starts), **result.accuracy[mode]} for mode in result.modes
+        },
+    }
+
+
+def _faithfulness_rows(
+    reports: dict[str, Any], windows: list[tuple[int, str]], n_layers: int
+) -> list[dict[str, Any]]:
+    """Table 5 rows in the run-folder schema (ΔAcc in points, agreements in %)."""
+    rows = []
+    for (start, mode), report in zip(windows, reports.values(), strict=True):
+        rows.append(
+            {
+                "window": f"{start}-{n_layers - 1}",
+                "start": start,
+                "mode": mode,
+                "delta_acc": 100 * report.delta_accuracy,
+                "flip_rate": report.flip_rate,
+                "kl": report.kl,
+                "top1_agreement": 100 * report.top1_agreement,
+                "top5_agreement": 100 * report.top5_agreement,
+                "cosine": report.cosine,
+                "cka": report.cka,
+                "spearman": report.spearman,
+                "spearman_logits": report.spearman_logits,
+                "prompt_r": report.prompt_r,
+                "prompt_kl": report.prompt_kl,
+                "n_images": report.n_images,
+            }
+        )
+    return rows
+
+
+@dataclass
+class RunInfo:
+    """Identity of the evaluated run (written to run.json).
+
+    Args:
+        run_name: Name of the run (its folder name).
+        dataset: Dataset name (cifar100, coco, imagenet100, digits, ...).
+        backbone: Backbone tag (b32, b16, or the model name).
+        checkpoint: Checkpoint evaluated, if any.
+    """
+
+    run_name: str
+    dataset: str
+    backbone: str
+    checkpoint: str | None = None
+
+
+def default_windows(n_layers: int, starts: list[int] | None, modes: list[str]):
+    """(start, mode) windows for Table 5: the paper's 0, L-5, L-2, L-1 by default."""
+    if starts is None:
+        starts = sorted({0, max(0, n_layers - 5), max(0, n_layers - 2), n_layers - 1})
+    bad = [s for s in starts if not 0 <= s < n_layers]
+    if bad:
+        raise ConfigError(f"evaluation.faithfulness_starts {bad} outside 0..{n_layers - 1}")
+    return [(s, m) for m in modes for s in starts]
+
+
+def run_suite(
+    teacher: Any,
+    clt: Any,
+    dataset: Dataset,
+    class_names: list[str],
+    info: RunInfo,
+    config: EvaluationConfig,
+    output_dir: str | Path,
+) -> dict[str, Any]:
+    """Run every evaluation on `dataset` (the validation split) and write the results.
+
+    Args:
+        teacher: The frozen `Teacher` the CLT was trained on.
+        clt: The trained `CrossLayerTranscoder` (eval mode is set here).
+        dataset: Validation images, transformed with `teacher.preprocess`.
+        class_names: Class names for the zero-shot head.
+        info: Identity of the run (dataset, backbone, sparsifier...).
+        config: What to compute.
+        output_dir: Folder for the JSON, tables and figures.
+
+    Returns:
+        The JSON payloads by file stem ("cascade", "faithfulness", ...).
+    """
+    replacement.check_compatible(teacher, clt)
+    if not class_names:
+        raise ConfigError(
+            f"dataset {info.dataset!r} has no class names: cannot build a zero-shot head"
+        )
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.json").unlink(missing_ok=True)  # incomplete until rewritten at the end
+    clt.eval()
+    images = evaluation_images(dataset, config.n_images, config.seed)
+    loader = DataLoader(images, batch_size=config.batch_size, num_workers=config.num_workers)
+    templates = zeroshot.templates_for(info.dataset)
+    classifier = zeroshot.build_classifier(teacher, class_names, templates, config.classifier_cache)
+    per_template = zeroshot.build_per_template_classifiers(
+        teacher, class_names, templates, config.classifier_cache
+    )
+    scale = zeroshot.logit_scale_of(teacher)
+    L = clt.n_layers
+    windows = default_windows(L, config.faithfulness_starts, config.modes)
+    log.info("evaluating %s on %d images: cascade", info.run_name, len(images))
+    result = replacement.cascade(
+        teacher,
+        clt,
+        loader,
+        classifier,
+        scale,
+        starts=config.starts,
+        modes=config.modes,
+        keep=windows,
+        progress=True,
+    )
+    payloads: dict[str, Any] = {"cascade": _cascade_payload(result)}
+    reports = faithfulness.faithfulness_from_cascade(
+        result, classifier, scale, per_template, windows
+    )
+    payloads["faithfulness"] = {"rows": _faithfulness_rows(reports, windows, L)}
+    log.info("contribution scores")
+    scores = contributions.contribution_scores(teacher, clt, loader, progress=True)
+    payloads["contributions"] = {g: s.tolist() for g, s in scores.scores.items()}
+    log.info("necessity / sufficiency ablations")
+    ablation = ablations.ablate(
+        teacher,
+        clt,
+        loader,
+        classifier,
+        scale,
+        scores,
+        modes=config.modes,
+        k=config.ablation_k,
+        progress=True,
+    )
+    payloads["ablations"] = _ablation_payload(ablation, scores, L)
+    log.info("reconstruction metrics")
+    payloads["reconstruction"] = reconstruction_metrics(teacher, clt, loader)
+    _write_outputs(out, payloads, result, reports, ablation, scores, info, config)
+    run = {
+        **asdict(info),
+        "sparsifier": clt.sparsifier.name,
+        "n_images": len(images),
+        "n_layers": L,
+    }
+    payloads["run"] = run
+    _write_json(out / "run.json", run)
+    return payloads
+
+
+def _ablation_payload(ablation: Any, scores: Any, n_layers: int) -> dict[str, Any]:
+    rows = []
+    for mode, acc in ablation.accuracy.items():
+        rows.append(
+            {
+                "mode": mode,
+                "baseline": ablation.baseline,
+                "all_sources": acc["full"],
+                "drop_top1": acc["drop_top1"],
+                "keep_topk": acc["keep_topk"],
+                "ranking": ablations.rank_sources(scores, mode, ablation.target),
+                "kept_sources": ablation.kept_sources[mode]["keep_topk"],
+            }
+        )
+    return {"k": ablation.k, "target": ablation.target, "n_images": ablation.n_images, "rows": rows}
+
+
+def _write_outputs(out: Path, payloads, result, reports, ablation, scores, info, config) -> None:
+    """JSON for every payload, Markdown/CSV tables, and the figures."""
+    for stem, payload in payloads.items():
+        _write_json(out / f"{stem}.json", payload)
+    replacement.write_cascade_tables(result, out)
+    table5 = faithfulness.faithfulness_table(reports)
+    write_markdown(table5, out / "faithfulness.md", digits=3)
+    write_csv(table5, out / "faithfulness.csv")
+    write_markdown(ablation.rows(), out / "ablations.md")
+    write_csv(ablation.rows(), out / "ablations.csv")
+    if config.figures:
+        _write_figures(out, payloads, result, scores, info)
+
+
+def _write_figures(out: Path, payloads, result, scores, info: RunInfo) -> None:
+    from clt_lightning import plots
+
+    name = f"{info.run_name} ({info.dataset}, {info.backbone})"
+    plots.cascade_plot(result, out / "cascade.png", title=f"Cascaded replacement: {name}")
+    panels = {"[CLS]": scores.scores["cls"], "Patches": scores.scores["patches"]}
+    plots.contribution_heatmaps(
+        panels, out / "contributions.png", title=f"Contributions C[s, l]: {name}"
+    )
+    runs = {group: payloads["reconstruction"][group] for group in TOKEN_MODES}
+    plots.reconstruction_curves(runs, out / "reconstruction.png", title=f"Reconstruction: {name}")
