@@ -1,0 +1,82 @@
+"""Small file helpers shared by the evaluation modules (atomic writes, tables)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write bytes atomically: temp file in the same folder, fsync, `os.replace`.
+
+    Args:
+        path: Destination file; parent folders are created.
+        data: File content.
+
+    Returns:
+        The destination path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _fmt(value: Any, digits: int) -> str:
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def rows_to_markdown(rows: Sequence[Mapping[str, Any]], digits: int = 2) -> str:
+    """A Markdown pipe table from a list of dict rows (columns from the first row).
+
+    Args:
+        rows: Rows with the same keys.
+        digits: Decimals for float cells.
+
+    Returns:
+        The table, ending with a newline ("" for no rows).
+    """
+    if not rows:
+        return ""
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(c, ""), digits) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def rows_to_csv(rows: Sequence[Mapping[str, Any]]) -> str:
+    """CSV text (header from the first row's keys, full float precision)."""
+    if not rows:
+        return ""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def write_markdown(rows: Sequence[Mapping[str, Any]], path: str | Path, digits: int = 2) -> Path:
+    """Write `rows_to_markdown(rows)` atomically (UTF-8) and return the path."""
+    return atomic_write_bytes(path, rows_to_markdown(rows, digits).encode("utf-8"))
+
+
+def write_csv(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """Write `rows_to_csv(rows)` atomically (UTF-8) and return the path."""
+    return atomic_write_bytes(path, rows_to_csv(rows).encode("utf-8"))

@@ -1,0 +1,720 @@
+"""A tiny CLIP trained on scikit-learn's digits: the offline teacher for the quickstart.
+
+Pretrained CLIP weights need a download, so the offline quickstart trains its own teacher:
+open_clip's `CLIP` class at a small size, trained contrastively on the 1,797 real 8x8
+handwritten digits that ship inside scikit-learn, with class-name captions built from
+`DIGIT_TEMPLATES`. It is trained once, written to a cache folder and reused.
+
+Design decisions:
+
+- The model is open_clip's own `CLIP`, described by an open_clip model-config JSON written
+  next to the weights, so `TeacherConfig(model_config=..., weights=...)` loads it like any
+  custom open_clip model; nothing here is special to the rest of the pipeline.
+- Every image the model is trained and evaluated on goes through open_clip's eval transform
+  (`open_clip.image_transform(image_size, is_train=False)`) applied to a PIL image, which
+  is exactly what the teacher applies downstream, so the zero-shot accuracy measured here
+  is the one the rest of the pipeline sees. Augmentation (a random affine warp with a
+  black fill) is applied afterwards, to the transformed tensors, during training only.
+- The loss is CLIP's symmetric contrastive loss with every caption of every class in the
+  batch, and with all same-class pairs as positives (as in UniCL): ten classes make many
+  exact duplicates in a batch, which plain InfoNCE would push apart.
+- Training runs a fixed number of epochs (never a time budget) from a fixed seed, inside
+  `torch.random.fork_rng` so the caller's random state is untouched; the same seed,
+  settings and thread count give the same weights.
+- Files are written atomically (temp file in the same folder, fsync, `os.replace`);
+  `teacher.json` is written last and records sha256 hashes of the weights and config, the
+  settings that made them and the measured accuracy. A later call reuses the files only if
+  the record matches the requested settings and both hashes check out; otherwise it
+  retrains and says why in the log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+from PIL import Image
+from safetensors.torch import load_file, save
+from torch import Tensor
+from tqdm import tqdm
+
+from clt_lightning.data.datasets import (
+    DIGIT_CLASS_NAMES,
+    DatasetConfig,
+    build_dataset,
+    digits_split,
+)
+from clt_lightning.errors import CLTError, ConfigError, NonFiniteLossError
+
+if TYPE_CHECKING:
+    from clt_lightning.teacher import TeacherConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_CACHE_DIR",
+    "DEFAULT_MODEL_CONFIG",
+    "DIGIT_CLASS_NAMES",
+    "DIGIT_TEMPLATES",
+    "DigitsTeacher",
+    "TeacherAccuracyError",
+    "TrainSettings",
+    "digits_split",
+    "ensure_digits_teacher",
+    "load_digits_clip",
+    "train_digits_clip",
+    "zero_shot_accuracy",
+    "zero_shot_logits",
+]
+
+DIGIT_TEMPLATES: list[str] = [
+    "a photo of the digit {}.",
+    "a handwritten {}.",
+    "a photo of the number {}.",
+    "a low resolution photo of the digit {}.",
+    "a white {} on a black background.",
+    "a pixelated handwritten digit {}.",
+]
+"""Caption templates: used for the training captions and for the zero-shot classifier."""
+
+DEFAULT_CACHE_DIR = Path(".cache/teachers/digits-clip")
+"""Where `ensure_digits_teacher` keeps the teacher (relative to the working directory)."""
+
+DEFAULT_MODEL_CONFIG: dict[str, Any] = {
+    "embed_dim": 64,
+    "vision_cfg": {
+        "image_size": 32,
+        "layers": 4,
+        "width": 64,
+        "head_width": 32,
+        "patch_size": 8,
+    },
+    "text_cfg": {
+        "context_length": 16,
+        "vocab_size": 49408,
+        "width": 64,
+        "heads": 2,
+        "layers": 2,
+    },
+}
+"""open_clip model config of the teacher: 4 vision layers, width 64, 32x32 images, 17 tokens."""
+
+FORMAT_VERSION = 1
+"""Version of the training recipe and the `teacher.json` layout; bump to invalidate caches."""
+
+MODEL_CONFIG_FILE = "model_config.json"
+WEIGHTS_FILE = "weights.safetensors"
+RECORD_FILE = "teacher.json"
+
+
+class TeacherAccuracyError(CLTError):
+    """The trained teacher's zero-shot accuracy is below the required minimum."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How the digits teacher is trained.
+
+    Args:
+        epochs: Passes over the 1,437 training digits.
+        batch_size: Images per optimiser step.
+        lr: Peak AdamW learning rate (linear warmup, then cosine decay to zero).
+        weight_decay: AdamW weight decay on matrices (not on gains, biases, logit scale).
+        warmup_fraction: Fraction of the steps spent warming up the learning rate.
+        max_rotation: Largest random rotation, in degrees.
+        max_shift: Largest random translation, as a fraction of the image size.
+        max_scale: Largest random relative zoom in or out (0.1 means 0.9x to 1.1x).
+    """
+
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_fraction: float = 0.1
+    max_rotation: float = 12.0
+    max_shift: float = 0.1
+    max_scale: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"TrainSettings.epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 2:
+            raise ConfigError(f"TrainSettings.batch_size must be >= 2, got {self.batch_size}")
+        if self.lr <= 0:
+            raise ConfigError(f"TrainSettings.lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ConfigError(
+                f"TrainSettings.warmup_fraction must be in [0, 1), got {self.warmup_fraction}"
+            )
+
+
+@dataclass(frozen=True)
+class DigitsTeacher:
+    """A trained digits teacher on disk.
+
+    Args:
+        model_config: open_clip model-config JSON (the `model_config` of a `TeacherConfig`).
+        weights: safetensors state dict of `open_clip.CLIP` (the `weights` of a `TeacherConfig`).
+        accuracy: Zero-shot accuracy on the 360 held-out (`val`) digits.
+        train_seconds: Wall-clock seconds the training took (when it was trained).
+        seed: Seed the teacher was trained with.
+        trained: True if this call trained it, False if it reused the cached files.
+    """
+
+    model_config: Path
+    weights: Path
+    accuracy: float
+    train_seconds: float
+    seed: int
+    trained: bool
+
+    def teacher_config(self, **overrides: Any) -> TeacherConfig:
+        """The `TeacherConfig` that loads this teacher.
+
+        Args:
+            **overrides: Other `TeacherConfig` fields (precision, input_site, device).
+
+        Returns:
+            `TeacherConfig(model_config=..., weights=..., **overrides)`.
+        """
+        from clt_lightning.teacher import TeacherConfig
+
+        return TeacherConfig(
+            model_config=str(self.model_config), weights=str(self.weights), **overrides
+        )
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def preprocess_config(model_config: dict[str, Any]) -> PreprocessCfg:
+    """open_clip's preprocess config for a model config, built as `Teacher` builds it.
+
+    Args:
+        model_config: open_clip model config; its optional `preprocess_cfg` (mean, std,
+            interpolation, resize_mode) overrides open_clip's defaults (OpenAI mean/std,
+            bicubic, shortest-side resize).
+    """
+    pp = merge_preprocess_dict(PreprocessCfg(), model_config.get("preprocess_cfg") or {})
+    pp["size"] = model_config["vision_cfg"]["image_size"]
+    return PreprocessCfg(**pp)
+
+
+def eval_transform(model_config: dict[str, Any]) -> Callable[[Image.Image], Tensor]:
+    """open_clip's eval transform for the model: resize, center crop, to tensor, normalise.
+
+    This is the transform `Teacher.preprocess` applies downstream.
+
+    Args:
+        model_config: open_clip model config.
+    """
+    return image_transform_v2(preprocess_config(model_config), is_train=False)
+
+
+def load_digits(split: str, transform: Callable[[Image.Image], Tensor]) -> tuple[Tensor, Tensor]:
+    """Every digit of a split from the project's `digits` dataset, transformed.
+
+    Args:
+        split: "train" (1,437 digits) or "val" (360), see `digits_split`.
+        transform: PIL image -> [3, H, W] tensor (normally `eval_transform`).
+
+    Returns:
+        (images [N, 3, H, W] float32, labels [N] int64), in image-id order.
+    """
+    dataset = build_dataset(DatasetConfig(name="digits"), split, transform)
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    return images, torch.from_numpy(dataset.labels)
+
+
+def background_value(model_config: dict[str, Any]) -> Tensor:
+    """A black pixel after normalisation, per channel: [3, 1, 1]."""
+    pp = preprocess_config(model_config)
+    return (-torch.tensor(pp.mean) / torch.tensor(pp.std)).view(3, 1, 1)
+
+
+def random_affine(
+    images: Tensor, background: Tensor, settings: TrainSettings, generator: torch.Generator
+) -> Tensor:
+    """Randomly rotate, shift and zoom a batch, filling uncovered pixels with black.
+
+    Args:
+        images: [B, 3, H, W] normalised images.
+        background: [3, 1, 1] value of black after normalisation.
+        settings: Augmentation ranges.
+        generator: Source of randomness (CPU).
+
+    Returns:
+        [B, 3, H, W] warped images.
+    """
+    n = images.shape[0]
+    u = torch.rand(n, 4, generator=generator) * 2 - 1  # uniform in [-1, 1]
+    angle = u[:, 0] * math.radians(settings.max_rotation)
+    scale = 1 + u[:, 1] * settings.max_scale
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    # affine_grid works in [-1, 1] coordinates, so a shift of f of the image is 2f.
+    shift = u[:, 2:] * 2 * settings.max_shift
+    theta = torch.stack(
+        [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
+    )
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    warped = F.grid_sample(images - background, grid, align_corners=False, padding_mode="zeros")
+    return warped + background
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def build_model(model_config: dict[str, Any]) -> open_clip.CLIP:
+    """An open_clip `CLIP` from a model config, as `open_clip.create_model` would build it.
+
+    Args:
+        model_config: {"embed_dim", "vision_cfg", "text_cfg", optional "quick_gelu"}.
+    """
+    try:
+        return open_clip.CLIP(
+            embed_dim=model_config["embed_dim"],
+            vision_cfg=model_config["vision_cfg"],
+            text_cfg=model_config["text_cfg"],
+            quick_gelu=model_config.get("quick_gelu", False),
+        )
+    except (KeyError, TypeError) as e:
+        raise ConfigError(
+            f"invalid open_clip model config ({e}); expected keys embed_dim, vision_cfg, text_cfg"
+        ) from e
+
+
+def build_tokenizer(model_config: dict[str, Any]) -> open_clip.SimpleTokenizer:
+    """open_clip's BPE tokenizer with the model's context length."""
+    return open_clip.SimpleTokenizer(context_length=model_config["text_cfg"]["context_length"])
+
+
+def zero_shot_logits(
+    model: open_clip.CLIP,
+    tokenizer: Callable[[list[str]], Tensor],
+    images: Tensor,
+    class_names: Sequence[str],
+    templates: Sequence[str],
+    batch_size: int = 512,
+) -> Tensor:
+    """Zero-shot logits: scaled cosine similarity to the template-averaged class embeddings.
+
+    Args:
+        model: open_clip CLIP (used as is: call `model.eval()` first for eval-mode numbers).
+        tokenizer: Text -> [n, context_length] token ids.
+        images: [N, 3, H, W] preprocessed images.
+        class_names: C class names.
+        templates: Caption templates with one `{}` for the class name.
+        batch_size: Images per forward pass.
+
+    Returns:
+        [N, C] logits (`logit_scale.exp() * cos`).
+    """
+    with torch.no_grad():
+        classifier = open_clip.build_zero_shot_classifier(
+            model, tokenizer, class_names, templates, num_classes_per_batch=None
+        )  # [E, C], unit columns
+        scale = model.logit_scale.exp()
+        logits = [
+            scale * model.encode_image(chunk, normalize=True) @ classifier
+            for chunk in images.split(batch_size)
+        ]
+    return torch.cat(logits)
+
+
+def zero_shot_accuracy(
+    model: open_clip.CLIP,
+    tokenizer: Callable[[list[str]], Tensor],
+    images: Tensor,
+    labels: Tensor | np.ndarray,
+    class_names: Sequence[str],
+    templates: Sequence[str],
+    batch_size: int = 512,
+) -> float:
+    """Top-1 zero-shot accuracy (see `zero_shot_logits` for the arguments).
+
+    Args:
+        model: open_clip CLIP, in eval mode.
+        tokenizer: Text -> [n, context_length] token ids.
+        images: [N, 3, H, W] preprocessed images.
+        labels: [N] class indices.
+        class_names: C class names.
+        templates: Caption templates with one `{}` for the class name.
+        batch_size: Images per forward pass.
+
+    Returns:
+        Fraction of images whose highest logit is their label.
+    """
+    logits = zero_shot_logits(model, tokenizer, images, class_names, templates, batch_size)
+    labels = torch.as_tensor(labels)
+    return (logits.argmax(dim=1) == labels).double().mean().item()
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def contrastive_loss(
+    image_emb: Tensor, text_emb: Tensor, image_labels: Tensor, text_labels: Tensor, scale: Tensor
+) -> Tensor:
+    """Symmetric CLIP loss where every same-class (image, caption) pair is a positive.
+
+    Args:
+        image_emb: [B, E] unit image embeddings.
+        text_emb: [M, E] unit caption embeddings.
+        image_labels: [B] class of each image.
+        text_labels: [M] class of each caption.
+        scale: Scalar multiplier of the cosine similarities (`logit_scale.exp()`).
+
+    Returns:
+        Scalar: mean of the image->text and text->image cross-entropies against targets
+        spread uniformly over the positives.
+    """
+    logits = scale * image_emb @ text_emb.T  # [B, M]
+    positive = (image_labels[:, None] == text_labels[None, :]).float()
+    image_to_text = -(positive / positive.sum(1, keepdim=True) * logits.log_softmax(1)).sum(1)
+    text_to_image = -(positive / positive.sum(0, keepdim=True) * logits.log_softmax(0)).sum(0)
+    has_image = positive.sum(0) > 0  # captions of classes absent from the batch have no target
+    return (image_to_text.mean() + text_to_image[has_image].mean()) / 2
+
+
+def _optimizer(model: open_clip.CLIP, settings: TrainSettings) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not gains, biases or the logit scale)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [
+        {"params": decay, "weight_decay": settings.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def _lr_factor(step: int, total: int, warmup_fraction: float) -> float:
+    """Linear warmup then cosine decay to zero."""
+    warmup = max(1, round(total * warmup_fraction))
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+@dataclass
+class _DigitsData:
+    """Preprocessed digits and the tokenized captions of every (class, template) pair."""
+
+    train_images: Tensor  # [N_train, 3, H, W]
+    train_labels: Tensor  # [N_train]
+    val_images: Tensor  # [N_val, 3, H, W]
+    val_labels: Tensor  # [N_val]
+    caption_tokens: Tensor  # [C * n_templates, context_length]
+    caption_labels: Tensor  # [C * n_templates]
+    background: Tensor  # [3, 1, 1] black after normalisation
+
+
+def _prepare_data(model_config: dict[str, Any]) -> _DigitsData:
+    transform = eval_transform(model_config)
+    train_images, train_labels = load_digits("train", transform)
+    val_images, val_labels = load_digits("val", transform)
+    captions = [t.format(name) for name in DIGIT_CLASS_NAMES for t in DIGIT_TEMPLATES]
+    caption_labels = torch.arange(len(DIGIT_CLASS_NAMES)).repeat_interleave(len(DIGIT_TEMPLATES))
+    return _DigitsData(
+        train_images=train_images,
+        train_labels=train_labels,
+        val_images=val_images,
+        val_labels=val_labels,
+        caption_tokens=build_tokenizer(model_config)(captions),
+        caption_labels=caption_labels,
+        background=background_value(model_config),
+    )
+
+
+def _train_epoch(
+    model: open_clip.CLIP,
+    optimizer: torch.optim.Optimizer,
+    data: _DigitsData,
+    settings: TrainSettings,
+    generator: torch.Generator,
+    first_step: int,
+) -> list[float]:
+    """One pass over the train digits in a random order (the ragged last batch dropped).
+
+    Returns:
+        The loss of every step.
+    """
+    model.train()
+    n_steps = len(data.train_labels) // settings.batch_size
+    total_steps = settings.epochs * n_steps
+    order = torch.randperm(len(data.train_labels), generator=generator)
+    losses = []
+    for i, batch in enumerate(order[: n_steps * settings.batch_size].view(n_steps, -1)):
+        factor = _lr_factor(first_step + i, total_steps, settings.warmup_fraction)
+        for group in optimizer.param_groups:
+            group["lr"] = settings.lr * factor
+        images = random_affine(data.train_images[batch], data.background, settings, generator)
+        loss = contrastive_loss(
+            model.encode_image(images, normalize=True),
+            model.encode_text(data.caption_tokens, normalize=True),
+            data.train_labels[batch],
+            data.caption_labels,
+            model.logit_scale.exp(),
+        )
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"digits teacher: loss {loss.item()} at step {first_step + i}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():  # CLIP's clamp: a temperature below 1/100 is unstable
+            model.logit_scale.clamp_(0, math.log(100))
+        losses.append(loss.item())
+    return losses
+
+
+def train_digits_clip(
+    model_config: dict[str, Any],
+    settings: TrainSettings,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[open_clip.CLIP, float]:
+    """Train a CLIP on the digits train split and measure zero-shot accuracy on val.
+
+    Deterministic for a seed (and thread count); the caller's RNG state is untouched.
+
+    Args:
+        model_config: open_clip model config.
+        settings: Training settings.
+        seed: Seeds the initialisation, the batch order and the augmentation.
+        progress: Show a progress bar over epochs with the loss and val accuracy.
+
+    Returns:
+        (model in eval mode, val zero-shot accuracy).
+    """
+    data = _prepare_data(model_config)
+    tokenizer = build_tokenizer(model_config)
+    n_steps = len(data.train_labels) // settings.batch_size
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model(model_config)
+        generator = torch.Generator().manual_seed(seed)
+        optimizer = _optimizer(model, settings)
+        bar = tqdm(range(settings.epochs), desc="digits teacher", disable=not progress)
+        accuracy = float("nan")
+        for epoch in bar:
+            losses = _train_epoch(model, optimizer, data, settings, generator, epoch * n_steps)
+            model.eval()
+            accuracy = zero_shot_accuracy(
+                model,
+                tokenizer,
+                data.val_images,
+                data.val_labels,
+                DIGIT_CLASS_NAMES,
+                DIGIT_TEMPLATES,
+            )
+            bar.set_postfix(loss=f"{np.mean(losses):.3f}", val_acc=f"{accuracy:.3f}")
+            logger.debug("epoch %d: loss %.4f, val acc %.4f", epoch, np.mean(losses), accuracy)
+    return model, accuracy
+
+
+# ----------------------------------------------------------------------------- cache folder
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write bytes to a temp file in the same folder, fsync, and rename over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2) + "\n").encode()
+
+
+def _recipe(model_config: dict[str, Any], settings: TrainSettings, seed: int) -> dict[str, Any]:
+    """Everything that determines the weights; a cached teacher is reused only if it matches."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "seed": seed,
+        "model_config": model_config,
+        "settings": dataclasses.asdict(settings),
+        "class_names": DIGIT_CLASS_NAMES,
+        "templates": DIGIT_TEMPLATES,
+        "split": {
+            "train_sha256": hashlib.sha256(digits_split("train").tobytes()).hexdigest(),
+            "val_sha256": hashlib.sha256(digits_split("val").tobytes()).hexdigest(),
+        },
+    }
+
+
+def _load_cached(folder: Path, recipe: dict[str, Any]) -> dict[str, Any] | None:
+    """The cached record if the folder holds a complete, intact teacher for `recipe`.
+
+    Returns None (and logs why) when it is missing, made by another recipe, or corrupt.
+    """
+    record_path = folder / RECORD_FILE
+    if not record_path.exists():
+        return None
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        logger.warning("unreadable %s (%s); retraining the digits teacher", record_path, e)
+        return None
+    if record.get("recipe") != recipe:
+        logger.info("%s was made with other settings; retraining the digits teacher", folder)
+        return None
+    for name, key in ((MODEL_CONFIG_FILE, "model_config_sha256"), (WEIGHTS_FILE, "weights_sha256")):
+        path = folder / name
+        if not path.exists() or _sha256(path) != record.get(key):
+            logger.warning("%s is missing or corrupt (sha256 mismatch); retraining", path)
+            return None
+    return record
+
+
+def _save(folder: Path, model: open_clip.CLIP, record: dict[str, Any]) -> None:
+    """Write config, weights, and last the record that marks the folder complete."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / RECORD_FILE).unlink(missing_ok=True)  # incomplete until rewritten below
+    _atomic_write(folder / MODEL_CONFIG_FILE, _json_bytes(record["recipe"]["model_config"]))
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(folder / WEIGHTS_FILE, save(state, metadata={"format": "pt"}))
+    record["model_config_sha256"] = _sha256(folder / MODEL_CONFIG_FILE)
+    record["weights_sha256"] = _sha256(folder / WEIGHTS_FILE)
+    _atomic_write(folder / RECORD_FILE, _json_bytes(record))
+
+
+def ensure_digits_teacher(
+    cache_dir: str | Path = DEFAULT_CACHE_DIR,
+    *,
+    seed: int = 0,
+    settings: TrainSettings | None = None,
+    model_config: dict[str, Any] | None = None,
+    min_accuracy: float = 0.9,
+    force: bool = False,
+    progress: bool = True,
+) -> DigitsTeacher:
+    """Return the digits teacher in `cache_dir`, training it first if needed.
+
+    Args:
+        cache_dir: Folder for `model_config.json`, `weights.safetensors` and `teacher.json`.
+        seed: Training seed.
+        settings: Training settings (default `TrainSettings()`).
+        model_config: open_clip model config (default `DEFAULT_MODEL_CONFIG`).
+        min_accuracy: Smallest acceptable val zero-shot accuracy.
+        force: Retrain even if a valid cached teacher exists.
+        progress: Show a progress bar while training.
+
+    Returns:
+        The teacher's paths, accuracy and training time.
+
+    Raises:
+        TeacherAccuracyError: The accuracy is below `min_accuracy` (a failed teacher is
+            not cached as valid).
+    """
+    folder = Path(cache_dir).expanduser()
+    recipe = _recipe(model_config or DEFAULT_MODEL_CONFIG, settings or TrainSettings(), seed)
+    record = None if force else _load_cached(folder, recipe)
+    trained = record is None
+    if record is None:
+        logger.info("training the digits teacher into %s (seed %d)", folder, seed)
+        start = time.perf_counter()
+        model, accuracy = train_digits_clip(
+            recipe["model_config"], TrainSettings(**recipe["settings"]), seed, progress
+        )
+        record = {
+            "recipe": recipe,
+            "val_zero_shot_accuracy": accuracy,
+            "train_seconds": round(time.perf_counter() - start, 2),
+            "torch_version": torch.__version__,
+            "open_clip_version": open_clip.__version__,
+        }
+        _check_accuracy(accuracy, min_accuracy, folder)
+        _save(folder, model, record)
+        logger.info(
+            "digits teacher: val zero-shot accuracy %.4f after %.1f s",
+            accuracy,
+            record["train_seconds"],
+        )
+    else:
+        logger.info("reusing the digits teacher in %s", folder)
+        _check_accuracy(record["val_zero_shot_accuracy"], min_accuracy, folder)
+    return DigitsTeacher(
+        model_config=folder / MODEL_CONFIG_FILE,
+        weights=folder / WEIGHTS_FILE,
+        accuracy=record["val_zero_shot_accuracy"],
+        train_seconds=record["train_seconds"],
+        seed=seed,
+        trained=trained,
+    )
+
+
+def _check_accuracy(accuracy: float, min_accuracy: float, folder: Path) -> None:
+    if accuracy < min_accuracy:
+        raise TeacherAccuracyError(
+            f"digits teacher in {folder}: val zero-shot accuracy {accuracy:.4f} is below "
+            f"min_accuracy {min_accuracy}; train longer (TrainSettings.epochs) or lower min_accuracy"
+        )
+
+
+def load_digits_clip(teacher: DigitsTeacher) -> open_clip.CLIP:
+    """Rebuild the saved CLIP from its config and weights (strict), in eval mode."""
+    model = build_model(json.loads(teacher.model_config.read_text()))
+    model.load_state_dict(load_file(teacher.weights))
+    return model.eval()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m clt_lightning.offline_teacher --out DIR`: build (or reuse) the teacher."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(DEFAULT_CACHE_DIR), help="cache folder")
+    parser.add_argument("--seed", type=int, default=0, help="training seed")
+    parser.add_argument("--epochs", type=int, default=TrainSettings.epochs)
+    parser.add_argument("--batch-size", type=int, default=TrainSettings.batch_size)
+    parser.add_argument("--model-config", help="open_clip model-config JSON (default: built in)")
+    parser.add_argument("--min-accuracy", type=float, default=0.9)
+    parser.add_argument("--force", action="store_true", help="retrain even if cached")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    model_config = None
+    if args.model_config:
+        model_config = json.loads(Path(args.model_config).read_text())
+    teacher = ensure_digits_teacher(
+        args.out,
+        seed=args.seed,
+        settings=TrainSettings(epochs=args.epochs, batch_size=args.batch_size),
+        model_config=model_config,
+        min_accuracy=args.min_accuracy,
+        force=args.force,
+    )
+    logger.info(
+        "digits teacher: model_config=%s weights=%s val zero-shot accuracy=%.4f",
+        teacher.model_config,
+        teacher.weights,
+        teacher.accuracy,
+    )
+
+
+if __name__ == "__main__":
+    main()
