@@ -24,9 +24,12 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from lightning.pytorch import Trainer  # noqa: E402
-from lightning.pytorch.cli import LightningCLI  # noqa: E402
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
+from lightning.pytorch.plugins.io import CheckpointIO  # noqa: E402
 
 from clt_lightning import commands  # noqa: E402
+from clt_lightning.checkpointing import AtomicCheckpointIO, CLTCheckpoint  # noqa: E402
 from clt_lightning.data.datamodule import ActivationDataModule  # noqa: E402
 from clt_lightning.errors import CLTError  # noqa: E402
 from clt_lightning.evaluation.suite import EvaluationConfig  # noqa: E402
@@ -102,6 +105,25 @@ class CLTLightningCLI(LightningCLI):
             export={"model", "datamodule"},
         )
         return commands
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """`checkpoint:` configures the default last.ckpt writer (`--ckpt_path last` resumes)."""
+        parser.add_lightning_class_args(CLTCheckpoint, "checkpoint")
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        """Drop the default checkpoint when checkpointing is off or the config brings its own
+        ModelCheckpoint; write checkpoints atomically unless a CheckpointIO is configured."""
+        configured = config.get("callbacks") or []
+        configured = configured if isinstance(configured, list) else [configured]
+        if config.get("enable_checkpointing") is False or any(
+            isinstance(c, ModelCheckpoint) for c in configured
+        ):
+            callbacks = [c for c in callbacks if not isinstance(c, CLTCheckpoint)]
+        plugins = config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            config["plugins"] = [*plugins, AtomicCheckpointIO()]
+        return super()._instantiate_trainer(config, callbacks)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Resolve `trainer.logger: true` into the run folder's CSV and W&B loggers."""

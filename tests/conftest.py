@@ -16,7 +16,8 @@ import torch
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Tiny models: one thread is faster than two (no oversubscription when tests share cores).
+torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -580,6 +580,7 @@ def cascade(
 
 def _finish(n_layers: int, starts: list[int], modes: Sequence[str], tally: _Tally) -> CascadeResult:
     def pct(counts: Tensor) -> list[float]:
+        """Correct counts -> accuracies in %."""
         return [100.0 * int(c) / tally.n_images for c in counts]
 
     accuracy = {}

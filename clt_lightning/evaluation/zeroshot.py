@@ -296,6 +296,7 @@ def build_per_template_classifiers(
     key = _cache_key(teacher, "per_template", class_names, fmt)
 
     def build() -> Tensor:
+        """[n_templates, E, C]: one single-template classifier per template."""
         return torch.stack([_build(teacher, class_names, [t]) for t in fmt])
 
     return _cached(cache_dir, key, build)

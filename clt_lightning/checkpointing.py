@@ -1,0 +1,149 @@
+"""Checkpoints that survive a kill at any moment, and a `last.ckpt` that is always current.
+
+Design decisions:
+
+- `AtomicCheckpointIO` writes a checkpoint to a temp file *in the checkpoint's own folder*,
+  fsyncs it and `os.replace`s it over the target, so a SIGKILL, a crash or a full disk
+  during a save leaves the previous file intact. Lightning's default (`_atomic_save`)
+  writes through an fsspec transaction whose temp file is made by `tempfile.mkstemp()` in
+  the system temp folder: when that is another filesystem than the run folder (local /tmp,
+  checkpoints on NFS or Lustre, the usual cluster layout) the commit is a copy into the
+  target, which a kill can cut short, and the whole checkpoint is also held in memory
+  once more (a ViT-B/16 CLT with AdamW states is ~10 GB). Streaming `torch.save` into the
+  temp file avoids both. A full disk raises `DiskSpaceError` naming the file.
+- `CLTCheckpoint` is the `ModelCheckpoint` that `clt fit` adds by default (`checkpoint:`
+  section of the config): it keeps `last.ckpt` only (no top-k copies, there is no metric
+  to rank by), writes it every `every_n_train_steps` optimiser steps, at every epoch end
+  (where a resume is exact whatever the dataloader) and when fit ends. Lightning's own
+  ModelCheckpoint with `every_n_train_steps` writes neither of the last two, so its
+  last.ckpt could miss the final steps of a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from clt_lightning.errors import ConfigError, DiskSpaceError
+
+log = logging.getLogger(__name__)
+
+
+def temp_path(path: Path) -> Path:
+    """The temp file a checkpoint is written to before the rename (same folder, hidden)."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (no-op where directories cannot be opened)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """TorchCheckpointIO that writes local checkpoints via a same-folder temp file.
+
+    Remote paths (s3://, gs://, ...) keep Lightning's fsspec transaction.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
+    ) -> None:
+        """Write `checkpoint` to `path` atomically.
+
+        Raises:
+            DiskSpaceError: The device filled up; the previous file at `path` is intact.
+        """
+        if not _is_local_file_protocol(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO.save_checkpoint takes no storage_options")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_path(path)
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException as error:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskSpaceError(
+                    f"no space left on the device while writing the checkpoint {path}; the "
+                    f"previous checkpoint there is intact: free some space and resume with "
+                    f"`clt fit --config ... --ckpt_path last`"
+                ) from error
+            raise
+        _fsync_dir(path.parent)
+
+
+class CLTCheckpoint(ModelCheckpoint):
+    """Keep `<run>/checkpoints/last.ckpt` current: every n steps, each epoch end, fit end.
+
+    `clt fit --ckpt_path last` resumes from it. Other arguments are ModelCheckpoint's.
+
+    Args:
+        dirpath: Folder (default: `<trainer.default_root_dir>/checkpoints`).
+        every_n_train_steps: Also write last.ckpt every this many optimiser steps; 0 writes
+            it only at epoch ends and when fit ends. Each write costs one checkpoint
+            (weights + AdamW states: ~12 bytes per CLT parameter).
+        save_top_k: Extra `epoch=..-step=..` copies to keep (0: last.ckpt only).
+        save_last: Write last.ckpt (leave true: resuming needs it).
+        **kwargs: Passed to ModelCheckpoint.
+    """
+
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        every_n_train_steps: int = 1000,
+        save_top_k: int = 0,
+        save_last: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        if every_n_train_steps < 0:
+            raise ConfigError(
+                f"checkpoint.every_n_train_steps must be >= 0, got {every_n_train_steps}"
+            )
+        super().__init__(
+            dirpath=dirpath,
+            every_n_train_steps=every_n_train_steps,
+            save_top_k=save_top_k,
+            save_last=save_last,
+            **kwargs,
+        )
+
+    def _save_last_now(self, trainer: L.Trainer) -> None:
+        """Write last.ckpt unless this global step is already saved."""
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_now(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_now(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save_last_now(trainer)
