@@ -1,0 +1,158 @@
+"""The quickstart's run report: one Markdown page with the paper's tables and figures.
+
+Reads the run folders `clt evaluate` and `clt retrieve` wrote (via `experiments.results`)
+and writes `report.md` plus the figures it embeds into the report folder. Numbers are
+shown as the paper shows them: accuracies in %, a baseline row, windows "s→L-1".
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from clt_lightning import plots
+from experiments.results import RunResult, atomic_write_text, load_runs
+
+NAMES = {"jumprelu": "JumpReLU", "relu_topk": "ReLU-TopK", "abs_topk": "Abs-TopK",
+         "batch_topk": "BatchTopK"}
+MODES = {"cls": "[CLS] only", "patches": "patches only", "all": "all tokens"}
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 2) -> str:
+    """A Markdown pipe table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v, digits) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def cascade_section(runs: list[RunResult]) -> str:
+    """Tables 6-23 layout: one table per token mode, a column per sparsifier."""
+    n_layers = runs[0].n_layers()
+    parts = []
+    for mode, title in MODES.items():
+        header = ["window", *(NAMES.get(r.sparsifier, r.sparsifier) for r in runs)]
+        rows = [["baseline (frozen ViT)", *(r.baseline_top1() for r in runs)]]
+        for start in range(n_layers):
+            rows.append([f"{start}→{n_layers - 1}", *(r.top1(mode).get(start) for r in runs)])
+        parts.append(f"**Top-1 accuracy (%) replacing {title}**\n\n" + md_table(header, rows))
+    return "\n\n".join(parts)
+
+
+def _layer_mean(values: list[float] | None) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def reconstruction_section(runs: list[RunResult]) -> str:
+    """Per-sparsifier layer means of R², MSE, cosine and L0, per token group."""
+    header = ["sparsifier", "tokens", "R² (mean)", "MSE (mean)", "cosine (mean)", "L0 (mean)"]
+    rows = []
+    for run in runs:
+        for group in ("all", "cls", "patches"):
+            values = (run.reconstruction or {}).get(group, {})
+            means = [_layer_mean(values.get(key)) for key in ("r2", "mse", "cosine", "l0")]
+            rows.append([NAMES.get(run.sparsifier, run.sparsifier), group, *means])
+    return md_table(header, rows, digits=4)
+
+
+def faithfulness_section(runs: list[RunResult]) -> str:
+    """Table 5 for every run and window."""
+    header = ["sparsifier", "window", "tokens", "ΔAcc", "Flip %", "KL", "Top-1 %", "Top-5 %",
+              "Cos", "CKA", "Spear.", "prompt r", "prompt KL"]
+    rows = []
+    for run in runs:
+        for r in (run.faithfulness or {}).get("rows", []):
+            rows.append([NAMES.get(run.sparsifier, run.sparsifier), r["window"], r["mode"],
+                         r["delta_acc"], 100 * r["flip_rate"], r["kl"], r["top1_agreement"],
+                         r["top5_agreement"], r["cosine"], r["cka"], r["spearman"],
+                         r["prompt_r"], r["prompt_kl"]])
+    return md_table(header, rows, digits=3)
+
+
+def ablation_section(runs: list[RunResult]) -> str:
+    """Necessity (drop the top-1 source) and sufficiency (keep the top-k) at the last layer."""
+    header = ["sparsifier", "tokens", "baseline", "all sources", "drop top-1", "keep top-k",
+              "ranking C[s, L-1]"]
+    rows = []
+    for run in runs:
+        for r in (run.ablations or {}).get("rows", []):
+            rows.append([NAMES.get(run.sparsifier, run.sparsifier), r["mode"], r["baseline"],
+                         r["all_sources"], r["drop_top1"], r["keep_topk"],
+                         " ".join(map(str, r["ranking"]))])
+    return md_table(header, rows)
+
+
+def copy_figures(runs: list[RunResult], out: Path) -> dict[str, list[str]]:
+    """Copy each run's PNGs into the report folder; returns kind -> relative paths."""
+    figures: dict[str, list[str]] = {"cascade": [], "contributions": [], "retrieval": []}
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    for run in runs:
+        for kind in ("cascade", "contributions"):
+            src = run.path / "evaluation" / f"{kind}.png"
+            if src.is_file():
+                dst = out / "figures" / f"{kind}_{run.sparsifier}.png"
+                shutil.copyfile(src, dst)
+                figures[kind].append(str(dst.relative_to(out)))
+        for src in sorted((run.path / "retrieval").glob("retrieval_*.png")):
+            dst = out / "figures" / f"{run.sparsifier}_{src.name}"
+            shutil.copyfile(src, dst)
+            figures["retrieval"].append(str(dst.relative_to(out)))
+    return figures
+
+
+def reconstruction_figure(runs: list[RunResult], out: Path) -> str:
+    """Figures 6-10 layout: cosine, MSE (log) and R² across layers, one line per sparsifier."""
+    curves = {NAMES.get(r.sparsifier, r.sparsifier): r.reconstruction["all"]
+              for r in runs if r.reconstruction}
+    path = out / "figures" / "reconstruction.png"
+    plots.reconstruction_curves(curves, path, title="CLT reconstruction across layers (all tokens)")
+    return str(path.relative_to(out))
+
+
+def write_report(runs_dir: Path, out: Path, teacher: dict[str, Any], timings: dict[str, float]) -> Path:
+    """Write `out/report.md` from the runs under `runs_dir`; returns its path."""
+    loaded = load_runs(runs_dir)
+    order = {name: i for i, name in enumerate(NAMES)}
+    runs = sorted((r for r in loaded.runs if r.cascade), key=lambda r: order.get(r.sparsifier, 99))
+    if not runs:
+        raise FileNotFoundError(f"no evaluated runs under {runs_dir}")
+    out.mkdir(parents=True, exist_ok=True)
+    figures = copy_figures(runs, out)
+    recon = reconstruction_figure(runs, out)
+    image = lambda path, alt: f"![{alt}]({path})"  # noqa: E731
+    accuracy = 100 * teacher.get("val_zero_shot_accuracy", float("nan"))
+    sections = [
+        "# clt-lightning quickstart report",
+        "Everything below ran offline on this machine's CPU: a tiny CLIP trained by the project on "
+        "scikit-learn's 1,797 real handwritten digits, its activation cache, one Cross-Layer "
+        "Transcoder per sparsifier of the paper, the evaluation suite and layer-wise retrieval.",
+        "## Teacher\n\n" + md_table(
+            ["model", "zero-shot top-1 on held-out digits", "chance", "train images", "val images"],
+            [["open_clip CLIP, 4 layers, width 64, 17 tokens", f"{accuracy:.1f}%", "10%", 1437, 360]],
+        ),
+        "## Time\n\n" + md_table(["step", "seconds"], [[k, v] for k, v in timings.items()], digits=0),
+        "## Reconstruction (paper: Figures 6-10)\n\n" + image(recon, "reconstruction curves")
+        + "\n\n" + reconstruction_section(runs),
+        "## Cascaded replacement (paper: Tables 6-23)\n\n"
+        "Layers s→L-1 have their MLP output replaced by the CLT's for the given tokens; "
+        "inputs are read from the modified run (DESIGN: Replacement).\n\n" + cascade_section(runs)
+        + "\n\n" + "\n".join(image(p, "cascade") for p in figures["cascade"]),
+        "## Faithfulness (paper: Table 5)\n\n" + faithfulness_section(runs),
+        "## Contribution scores C[s, l] (paper: Figures 11-16)\n\n"
+        "Rows: source layer s; columns: target layer l; the bias row is separate; columns sum to 1.\n\n"
+        + "\n\n".join(image(p, "contributions") for p in figures["contributions"]),
+        "## Necessity and sufficiency (paper: poster)\n\n" + ablation_section(runs),
+        "## Layer-wise retrieval (paper: Figures 4-5)\n\n"
+        + "\n\n".join(image(p, "retrieval") for p in figures["retrieval"]),
+    ]
+    if loaded.problems:
+        sections.append("## Problems\n\n" + "\n".join(f"- {p}" for p in loaded.problems))
+    return atomic_write_text(out / "report.md", "\n\n".join(sections) + "\n")
