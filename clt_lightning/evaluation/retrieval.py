@@ -44,7 +44,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import faiss
 import numpy as np
@@ -71,6 +71,11 @@ MANIFEST_NAME = "manifest.json"
 AGGREGATIONS = ("cls", "patches", "all")
 SIMILARITIES = ("cosine", "ip", "l2")
 DESCRIPTOR_DTYPES = ("float32", "float16")
+_AGGREGATION_WORDS = {
+    "cls": "[CLS] token",
+    "patches": "mean of patch tokens",
+    "all": "mean of all tokens",
+}
 DEFAULT_MEMORY_BUDGET_BYTES = 4 * 2**30
 """Default budget for all layers' indexes together (each layer gets an equal share)."""
 MAX_PQ_SUBQUANTIZERS = 256
@@ -81,51 +86,9 @@ ADD_CHUNK_BYTES = 256 * 2**20
 TRAIN_SAMPLE_BYTES = 2**30
 """Bound on the float32 training sample of a trained index type (IVF, PQ)."""
 REBUILD_HINT = (
-    "rebuild the index with `clt retrieve --rebuild` "
+    "rebuild the index with `clt retrieve ... --retrieval.rebuild true` "
     "(Python: build_and_query(..., rebuild=True) or build_index(...))"
 )
-
-
-@dataclass(frozen=True)
-class RetrievalConfig:
-    """Settings of `clt retrieve` (its ``retrieval:`` section); the fields are exactly the
-    keyword arguments of `build_and_query`, so ``build_and_query(..., **asdict(config))``.
-
-    Args:
-        query_path: An image file to query (PIL-readable); or use query_index.
-        query_index: An image id of the val split to query; or use query_path.
-        k: Neighbours per layer.
-        aggregation: Token aggregation of the codes: "cls" (token 0), "patches" (mean of
-            the patch tokens) or "all" (mean of every token).
-        similarity: "cosine" (default), "ip" (inner product) or "l2" (squared distance).
-        index_type: A FAISS factory string to force (default: chosen by size and budget).
-        memory_budget_bytes: Memory for all layers' indexes together.
-        layers: Layers to index and show (default: all).
-        batch_size: Images per teacher forward while building.
-        num_workers: DataLoader workers while building.
-        rebuild: Rebuild the index even when a matching one exists.
-        use_gpu: FAISS on the GPU: true, false, or null for "when available".
-    """
-
-    query_path: str | None = None
-    query_index: int | None = None
-    k: int = 3
-    aggregation: Literal["cls", "patches", "all"] = "cls"
-    similarity: Literal["cosine", "ip", "l2"] = "cosine"
-    index_type: str | None = None
-    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES
-    layers: list[int] | None = None
-    batch_size: int = 64
-    num_workers: int = 0
-    rebuild: bool = False
-    use_gpu: bool | None = None
-
-    def __post_init__(self) -> None:
-        _check_choice("retrieval.aggregation", self.aggregation, AGGREGATIONS)
-        _check_choice("retrieval.similarity", self.similarity, SIMILARITIES)
-        for key in ("k", "memory_budget_bytes", "batch_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"retrieval.{key}={getattr(self, key)} must be >= 1")
 
 
 class LayerNeighbours(NamedTuple):
@@ -528,11 +491,13 @@ def _divisors(n: int) -> list[int]:
     return sorted(set(small + [n // i for i in small]))
 
 
-def _ivf_pq_shape(n: int) -> tuple[int, int]:
-    """nlist ~ 4 sqrt(n) (at most n/39, FAISS's minimum of 39 training points per list)
-    and PQ bits (8, fewer when n is under the 39 * 256 points 8-bit codebooks want)."""
-    nlist = max(1, min(round(4 * math.sqrt(n)), n // 39))
-    nbits = 8 if n >= 39 * 256 else max(1, min(8, int(math.log2(max(n // 39, 2)))))
+def _ivf_pq_shape(n: int, dim: int) -> tuple[int, int]:
+    """nlist ~ 4 sqrt(n), at most n_train / 39 (FAISS wants 39 training points per list;
+    n_train is the bounded training sample), and PQ bits: 8, fewer when n_train is under
+    the 39 * 256 points that 8-bit codebooks want."""
+    n_train = min(n, max(1, TRAIN_SAMPLE_BYTES // (4 * dim)))
+    nlist = max(1, min(round(4 * math.sqrt(n)), n_train // 39))
+    nbits = 8 if n_train >= 39 * 256 else max(1, min(8, int(math.log2(max(n_train // 39, 2)))))
     return nlist, nbits
 
 
@@ -541,8 +506,9 @@ def choose_index_type(n: int, dim: int, memory_budget_bytes: int) -> str:
 
     "Flat" (exact, 4 bytes a value) when ``n * dim * 4 <= budget``; else "SQfp16"
     (2 bytes a value, near exact) when ``n * dim * 2 <= budget``; else
-    ``IVF{nlist},PQ{m}`` with nlist ~ 4 sqrt(n) and the largest m that divides ``dim``
-    (at most `MAX_PQ_SUBQUANTIZERS` and dim / 4) and fits; ``PQ{m}x{bits}`` for n < 9984.
+    ``IVF{nlist},PQ{m}`` with nlist ~ 4 sqrt(n) (at most a 39th of the training sample,
+    see `TRAIN_SAMPLE_BYTES`) and the largest m that divides ``dim`` (at most
+    `MAX_PQ_SUBQUANTIZERS` and dim / 4) and fits; ``PQ{m}x{bits}`` under 9,984 training rows.
 
     Args:
         n: Number of descriptors.
@@ -560,7 +526,7 @@ def choose_index_type(n: int, dim: int, memory_budget_bytes: int) -> str:
         return "Flat"
     if n * dim * 2 <= memory_budget_bytes:
         return "SQfp16"
-    nlist, nbits = _ivf_pq_shape(n)
+    nlist, nbits = _ivf_pq_shape(n, dim)
     suffix = "" if nbits == 8 else f"x{nbits}"
     m_max = min(MAX_PQ_SUBQUANTIZERS, max(1, dim // 4))
     for m in reversed([m for m in _divisors(dim) if m <= m_max]):
@@ -679,17 +645,22 @@ def new_index(factory: str, dim: int, similarity: str = "cosine") -> faiss.Index
 # ----------------------------------------------------------------------------- index build
 
 
-def prepare_vectors(block: np.ndarray, similarity: str) -> np.ndarray:
+def prepare_vectors(block: np.ndarray, similarity: str, inplace: bool = False) -> np.ndarray:
     """Descriptors as FAISS wants them: C-contiguous float32, rows L2-normalised for cosine.
 
     Args:
         block: [n, F] raw descriptors (any float dtype, a memmap slice is fine).
         similarity: One of `SIMILARITIES`.
+        inplace: Normalise ``block`` itself when it already is C-contiguous float32 (saves
+            a copy of a large training sample); otherwise ``block`` is never modified.
 
     Returns:
         [n, F] float32; all-zero rows stay zero.
     """
-    vectors = np.array(block, dtype=np.float32, order="C", copy=True)
+    if inplace:
+        vectors = np.ascontiguousarray(block, dtype=np.float32)
+    else:
+        vectors = np.array(block, dtype=np.float32, order="C", copy=True)
     if similarity == "cosine":
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         vectors /= np.maximum(norms, np.float32(1e-12))
@@ -784,7 +755,7 @@ def build_layer_index(
     _set_nprobe(cpu_index, plan.nprobe)
     index, on_gpu = to_search_device(cpu_index, use_gpu)
     if not index.is_trained:
-        sample = prepare_vectors(train_sample(descriptors, seed=seed), similarity)
+        sample = prepare_vectors(train_sample(descriptors, seed=seed), similarity, inplace=True)
         log.info("training %s on %d of %d descriptors", plan.factory, len(sample), n_rows)
         index.train(sample)
         del sample
@@ -1382,6 +1353,10 @@ def build_and_query(
     """
     from clt_lightning.evaluation.retrieval_plot import retrieval_grid
 
+    _check_choice("aggregation", aggregation, AGGREGATIONS)
+    _check_choice("similarity", similarity, SIMILARITIES)
+    if k < 1:
+        raise ConfigError(f"k={k} is not valid; ask for at least 1 neighbour")
     query = _open_query(teacher, query_path, query_index, query_dataset)  # fail before building
     build_kwargs = dict(
         aggregation=aggregation,
@@ -1407,7 +1382,10 @@ def build_and_query(
     )
     json_path = output_dir / f"{stem}.json"
     _write_json_atomic(json_path, record)
-    title = f"Layer-wise retrieval on CLT codes ({aggregation} tokens, {similarity})\nquery: {query.record['description']}"
+    title = (
+        f"Layer-wise retrieval on CLT codes ({_AGGREGATION_WORDS[aggregation]}, {similarity})"
+        f"\nquery: {query.record['description']}"
+    )
     grid_path = retrieval_grid(
         query.raw,
         neighbours,

@@ -329,7 +329,6 @@ def _main(argv: list[str]) -> int:
     return main(clt_args)
 
 
-
 def read_metrics(run_dir: Path) -> list[dict[str, str]]:
     """Rows of `<run>/metrics.csv`."""
     import csv

@@ -213,7 +213,7 @@ def test_index_refuses_query_from_another_clt(built, teacher, queries):
     message = str(error.value)
     assert R.clt_fingerprint(other) in message
     assert built.manifest["clt_fingerprint"] in message
-    assert "clt retrieve --rebuild" in message
+    assert "--retrieval.rebuild true" in message
 
 
 def test_index_refuses_other_teacher_and_aggregation(built, teacher, clt, queries):
@@ -284,12 +284,15 @@ def test_choose_index_type_thresholds():
     big_n = 50_000
     factory = R.choose_index_type(big_n, 12_288, 256 * 2**20)
     nlist, m = map(int, factory.replace("IVF", "").split(",PQ"))
-    assert nlist == round(4 * big_n**0.5) and 12_288 % m == 0 and m == 256
+    n_train = R.TRAIN_SAMPLE_BYTES // (4 * 12_288)  # 21,845 rows: at most 560 lists of 39
+    assert nlist == min(round(4 * big_n**0.5), n_train // 39) == 560
+    assert 12_288 % m == 0 and m == 256
+    assert R.choose_index_type(10**6, 256, 2**20 * 100).startswith("IVF4000,")  # 4 sqrt(n)
     assert R.estimate_index_bytes(factory, big_n, 12_288) <= 256 * 2**20
-    tight = R.choose_index_type(big_n, 12_288, 60 * 2**20)
+    tight = R.choose_index_type(big_n, 12_288, 45 * 2**20)
     assert (
         int(tight.split("PQ")[1]) < 256
-        and R.estimate_index_bytes(tight, big_n, 12_288) <= 60 * 2**20
+        and R.estimate_index_bytes(tight, big_n, 12_288) <= 45 * 2**20
     )
     with pytest.raises(ConfigError, match="too small"):
         R.choose_index_type(big_n, 12_288, 2**20)
@@ -353,7 +356,7 @@ def test_build_and_query_writes_grid_and_json_and_reuses(tmp_path, teacher, clt,
     )  # fmt: skip
     assert not again.rebuilt and again.grid_path.name == "retrieval_q_cls.png"
     np.testing.assert_array_equal(again.neighbours[1].ids, run.neighbours[1].ids)
-    with pytest.raises(CheckpointMismatchError, match="--rebuild"):
+    with pytest.raises(CheckpointMismatchError, match="--retrieval.rebuild true"):
         R.build_and_query(
             teacher,
             _make_clt(5),
@@ -393,16 +396,3 @@ def test_gpu_index_matches_cpu():
     (d_cpu, i_cpu), (d_gpu, i_gpu) = cpu.search(query, 10), gpu_search.search(query, 10)
     np.testing.assert_array_equal(i_cpu, i_gpu)
     np.testing.assert_allclose(d_cpu, d_gpu, rtol=1e-5, atol=1e-5)
-
-
-def test_retrieval_config_fields_are_build_and_query_keywords():
-    import dataclasses
-    import inspect
-
-    params = inspect.signature(R.build_and_query).parameters
-    config = R.RetrievalConfig(query_index=1)
-    for field in dataclasses.fields(config):
-        assert field.name in params, field.name
-        assert params[field.name].default == field.default, field.name
-    with pytest.raises(ConfigError, match="retrieval.aggregation='mean'"):
-        R.RetrievalConfig(aggregation="mean")

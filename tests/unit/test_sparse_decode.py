@@ -323,3 +323,157 @@ def test_triton_backend_matches_dense_reference(dtype: torch.dtype) -> None:
     values, indices = make_codes(10, 4, 64, 8, dtype, device)
     tol = {"rtol": 1e-5, "atol": 1e-5}  # the kernel accumulates in fp32 even for fp64
     assert_matches_reference(values, indices, W_dec, b_dec, tol=tol, backend="triton")
+
+
+# --------------------------------------------------------------------------- fused TopK encoder
+
+
+def reference_topk(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, k: int, signed: bool
+) -> tuple[Tensor, Tensor]:
+    """Unfused: pre = einsum + b over all layers, z = dense top k (ReLU or signed |.|)."""
+    pre = torch.einsum("bld,ldf->blf", x, W_enc) + b_enc
+    score, kept = (pre.abs(), pre) if signed else (torch.relu(pre), torch.relu(pre))
+    indices = score.topk(k, dim=-1).indices
+    z = torch.zeros_like(pre).scatter(-1, indices, kept.gather(-1, indices))
+    return z, pre
+
+
+def awkward_encoder_inputs(
+    n_tokens: int = 9, n_layers: int = 3, d_model: int = 8, n_latents: int = 40
+) -> tuple[Tensor, Tensor, Tensor]:
+    """float64 leaves: token 1 repeats token 0 (same latents), token 2 has no positive
+    pre-activation at layer 0 (ReLU-TopK keeps zeros there)."""
+    x = torch.randn(n_tokens, n_layers, d_model, dtype=torch.float64)
+    x[1] = x[0]
+    x[2, 0] = 0.0
+    W_enc = torch.randn(n_layers, d_model, n_latents, dtype=torch.float64)
+    b_enc = torch.randn(n_layers, n_latents, dtype=torch.float64).abs().neg()  # all < 0
+    b_enc[1:] = torch.randn(n_layers - 1, n_latents, dtype=torch.float64)
+    return x.requires_grad_(), W_enc.requires_grad_(), b_enc.requires_grad_()
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_topk_encode_matches_unfused_values_and_gradients(signed: bool) -> None:
+    x, W_enc, b_enc = awkward_encoder_inputs()
+    k = 5
+    z_ref, _ = reference_topk(x, W_enc, b_enc, k, signed)
+    out = sd.topk_encode(x, W_enc, b_enc, k, signed=signed)
+    z = torch.zeros_like(z_ref).scatter_add(-1, out.indices, out.values)
+    torch.testing.assert_close(z, z_ref, rtol=0, atol=0)
+    assert bool((z_ref[2, 0] == 0).all()) != signed  # the all-zero row is exercised (ReLU)
+    torch.testing.assert_close(out.fired, (z_ref != 0).any(dim=0))
+    assert out.aux_values.shape == (9, 3, 0)
+    # The gradient of <z, G> through each path, to x, W_enc and b_enc.
+    G = torch.randn_like(z_ref)
+    want = torch.autograd.grad((z_ref * G).sum(), [x, W_enc, b_enc])
+    got = torch.autograd.grad((z * G).sum(), [x, W_enc, b_enc])
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_topk_encode_aux_codes_are_the_dead_latents(signed: bool) -> None:
+    x, W_enc, b_enc = awkward_encoder_inputs()
+    k, aux_k, n_latents = 4, 6, W_enc.shape[-1]
+    candidates = torch.zeros(3, n_latents, dtype=torch.bool)
+    candidates[0, :30] = True  # layer 0: many candidates, layer 1: 3, layer 2: none
+    candidates[1, :3] = True
+    out = sd.topk_encode(x, W_enc, b_enc, k, signed=signed, aux_k=aux_k, aux_candidates=candidates)
+    z_ref, pre = reference_topk(x, W_enc, b_enc, k, signed)
+    dead = candidates & ~(z_ref != 0).any(dim=0)
+    score, kept = (pre.abs(), pre) if signed else (torch.relu(pre), torch.relu(pre))
+    for layer in range(3):
+        n_dead = int(dead[layer].sum())
+        width = min(aux_k, n_dead)
+        idx = out.aux_indices[:, layer, :width]
+        want = score[:, layer].masked_fill(~dead[layer], -1).topk(width, dim=-1).indices
+        assert torch.equal(idx.sort(-1).values, want.sort(-1).values)
+        torch.testing.assert_close(out.aux_values[:, layer, :width], kept[:, layer].gather(-1, idx))
+        assert (out.aux_values[:, layer, width:] == 0).all()  # padding
+    # Gradients through the AuxK values reach pre like any kept value.
+    (gx,) = torch.autograd.grad(out.aux_values.sum(), [W_enc])
+    zaux = torch.zeros_like(pre).scatter_add(-1, out.aux_indices, out.aux_values.detach() * 0 + 1)
+    mask = (zaux > 0) & (kept != 0) if not signed else zaux > 0
+    (want_gx,) = torch.autograd.grad((kept * mask).sum(), [W_enc])
+    torch.testing.assert_close(gx, want_gx, **TOLERANCES[torch.float64])
+
+
+def test_topk_encode_bad_shapes() -> None:
+    x, W_enc, b_enc = awkward_encoder_inputs()
+    with pytest.raises(ValueError, match="W_enc"):
+        sd.topk_encode(x, W_enc[:2], b_enc, 4)
+    with pytest.raises(ValueError, match="k=41"):
+        sd.topk_encode(x, W_enc, b_enc, 41)
+
+
+# --------------------------------------------------------------------------- gradient recycling
+
+
+def _decode_grad(values: Tensor, indices: Tensor, W_dec: list[Tensor], b_dec: Tensor) -> None:
+    out = sparse_decode((values, indices), W_dec, b_dec)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+
+
+def test_recycled_gradients_reuse_storage_and_stay_correct() -> None:
+    W_dec, b_dec = make_decoder(3, 8, 50, torch.float64, torch.device("cpu"))
+    values, indices = make_codes(6, 3, 50, 4, torch.float64, torch.device("cpu"))
+    expected = grads(dense_reference(values, indices, W_dec, b_dec), W_dec, _weights(6, 3, 8))
+    _decode_grad(values, indices, W_dec, b_dec)
+    first = [w.grad.data_ptr() for w in W_dec]
+    for w in W_dec:
+        w.grad = None  # zero_grad(set_to_none=True)
+    values2, indices2 = make_codes(6, 3, 50, 4, torch.float64, torch.device("cpu"))
+    _decode_grad(values2, indices2, W_dec, b_dec)
+    assert [w.grad.data_ptr() for w in W_dec] == first  # the same memory, zeroed and reused
+    want = grads(dense_reference(values2, indices2, W_dec, b_dec), W_dec, _weights(6, 3, 8))
+    for w, g in zip(W_dec, want, strict=True):
+        torch.testing.assert_close(w.grad, g, **TOLERANCES[torch.float64])
+    assert expected  # (first step checked by the reference tests above)
+
+
+def _weights(n_tokens: int, n_layers: int, d_model: int) -> Tensor:
+    return torch.linspace(-1, 1, n_tokens * n_layers * d_model, dtype=torch.float64).view(
+        n_tokens, n_layers, d_model
+    )
+
+
+def test_recycling_never_overwrites_a_gradient_still_in_use() -> None:
+    W_dec, b_dec = make_decoder(3, 8, 50, torch.float64, torch.device("cpu"))
+    v1, i1 = make_codes(6, 3, 50, 4, torch.float64, torch.device("cpu"))
+    v2, i2 = make_codes(6, 3, 50, 4, torch.float64, torch.device("cpu"))
+    g1 = grads(dense_reference(v1, i1, W_dec, b_dec), W_dec, _weights(6, 3, 8))
+    g2 = grads(dense_reference(v2, i2, W_dec, b_dec), W_dec, _weights(6, 3, 8))
+    tol = TOLERANCES[torch.float64]
+    # A caller keeps last step's gradient: the next backward must not write into it.
+    _decode_grad(v1, i1, W_dec, b_dec)
+    kept = [w.grad for w in W_dec]
+    for w in W_dec:
+        w.grad = None
+    _decode_grad(v2, i2, W_dec, b_dec)
+    for k, w, a, b in zip(kept, W_dec, g1, g2, strict=True):
+        torch.testing.assert_close(k, a, **tol)
+        torch.testing.assert_close(w.grad, b, **tol)
+    # Gradient accumulation (no zero_grad) and two decodes of the same weight in one graph.
+    _decode_grad(v1, i1, W_dec, b_dec)
+    for w, a, b in zip(W_dec, g1, g2, strict=True):
+        torch.testing.assert_close(w.grad, a + b, **tol)
+    for w in W_dec:
+        w.grad = None
+    out = sparse_decode((v1, i1), W_dec, b_dec) + sparse_decode((v2, i2), W_dec, b_dec)
+    (out * _weights(6, 3, 8)).sum().backward()
+    for w, a, b in zip(W_dec, g1, g2, strict=True):
+        torch.testing.assert_close(w.grad, a + b, **tol)
+
+
+def test_recycler_reserve_and_clear() -> None:
+    recycler = sd.GradientRecycler()
+    weight = torch.zeros(4, 3)
+    recycler.reserve([weight])
+    assert recycler.nbytes() == weight.nbytes
+    grad = recycler.zeros_like(weight)
+    assert recycler.zeros_like(weight).data_ptr() != grad.data_ptr()  # in use: fresh
+    del grad
+    assert (recycler.zeros_like(weight) == 0).all()
+    recycler.clear()
+    assert recycler.nbytes() == 0

@@ -1,0 +1,20 @@
+"""Fixtures shared by the integration tests: one tiny activation cache per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.integration.tiny_run import quiet_cli, write_config
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory) -> Path:
+    """train/ and val/ caches of the tiny teacher on 16 digits each (8 shards of 2 images),
+    written by `clt cache` in-process."""
+    root = tmp_path_factory.mktemp("tiny_cache")
+    config = write_config(root / "cache.yaml", root / "activations", root / "unused_run")
+    code, err = quiet_cli(["cache", "--config", str(config)])
+    assert code == 0, err
+    return root / "activations"
