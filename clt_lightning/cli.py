@@ -27,11 +27,17 @@ from lightning.pytorch import Trainer  # noqa: E402
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
 from lightning.pytorch.plugins.io import CheckpointIO  # noqa: E402
+from lightning.pytorch.utilities.exceptions import MisconfigurationException  # noqa: E402
 
 from clt_lightning import commands  # noqa: E402
-from clt_lightning.checkpointing import AtomicCheckpointIO, CLTCheckpoint  # noqa: E402
+from clt_lightning.checkpointing import (  # noqa: E402
+    CHECKPOINT_READ_ERRORS,
+    AtomicCheckpointIO,
+    CLTCheckpoint,
+    unreadable_checkpoint,
+)
 from clt_lightning.data.datamodule import ActivationDataModule  # noqa: E402
-from clt_lightning.errors import CLTError  # noqa: E402
+from clt_lightning.errors import CLTError, ConfigError  # noqa: E402
 from clt_lightning.evaluation.suite import EvaluationConfig  # noqa: E402
 from clt_lightning.loggers import default_loggers  # noqa: E402
 from clt_lightning.module import CLTModule  # noqa: E402
@@ -123,7 +129,26 @@ class CLTLightningCLI(LightningCLI):
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             config["plugins"] = [*plugins, AtomicCheckpointIO()]
-        return super()._instantiate_trainer(config, callbacks)
+        try:
+            return super()._instantiate_trainer(config, callbacks)
+        except (MisconfigurationException, ValueError) as error:  # Trainer(...) checks
+            raise ConfigError(f"invalid trainer settings: {error}") from error
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """A config file that is not text is a parse error (usage + exit 2), not a traceback."""
+        try:
+            super().parse_arguments(parser, args)
+        except UnicodeDecodeError as error:
+            parser.error(f"a config file is not UTF-8 text ({error})")
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads `--ckpt_path`'s hyperparameters here (weights-only): a broken or
+        foreign file is a CLTError naming it."""
+        try:
+            super()._parse_ckpt_path()
+        except CHECKPOINT_READ_ERRORS as error:
+            ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+            raise unreadable_checkpoint(ckpt_path, error) from error
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Resolve `trainer.logger: true` into the run folder's CSV and W&B loggers."""
@@ -156,7 +181,16 @@ def main(args: list[str] | None = None) -> int:
     except CLTError as error:
         print(f"clt: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        finish_wandb_run()
     return 0
+
+
+def finish_wandb_run() -> None:
+    """Close the W&B run a command opened, so the next in-process command gets its own."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
 
 
 if __name__ == "__main__":

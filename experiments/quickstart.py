@@ -59,17 +59,8 @@ def clt(args: list[str]) -> None:
     """Run one `clt` subcommand in-process; a non-zero exit stops the quickstart."""
     log.info("clt %s", " ".join(args))
     code = cli.main(args)
-    _finish_wandb()
     if code:
         raise SystemExit(f"quickstart: `clt {' '.join(args)}` failed with exit code {code}")
-
-
-def _finish_wandb() -> None:
-    """Close the W&B run of the previous command: the next command starts its own."""
-    import wandb
-
-    if wandb.run is not None:
-        wandb.finish(quiet=True)
 
 
 def common_overrides(opts: argparse.Namespace, teacher_dir: Path) -> list[str]:
