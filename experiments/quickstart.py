@@ -91,8 +91,9 @@ def run_one(sparsifier: str, opts: argparse.Namespace, common: list[str]) -> Non
             fit += ["--ckpt_path", str(last)]
         clt(fit)
         (root / "FIT_DONE").touch()
+    # keep-top-k with k = 4 of 4 layers would keep everything: k = 2 keeps half the sources
     evaluate = ["evaluate", *base, "--ckpt_path", str(last),
-                "--evaluation.output_dir", str(root / "evaluation")]
+                "--evaluation.output_dir", str(root / "evaluation"), "--evaluation.ablation_k", "2"]
     if opts.n_images is not None:
         evaluate += ["--evaluation.n_images", str(opts.n_images)]
     clt(evaluate)
