@@ -22,7 +22,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export PYTHONHASHSEED := 0
 
-.PHONY: help install test test-slow test-all lint format bench bench-quick quickstart sweep sweep-dry clean
+.PHONY: help install test test-slow test-all lint format bench bench-quick quickstart sweep sweep-dry tables clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -67,6 +67,9 @@ sweep: $(STAMP) ## the paper's grid (3 datasets x 2 backbones x 3 sparsifiers); 
 
 sweep-dry: $(STAMP) ## print the sweep plan without running anything
 	$(PY) -m experiments.sweep --data-root $(DATA_ROOT) --runs $(RUNS) --devices $(DEVICES) --dry-run $(SWEEP_ARGS)
+
+tables: $(STAMP) ## gather finished sweep runs into the paper's tables and figures (reports/paper_tables)
+	$(PY) -m experiments.tables --runs $(RUNS) --out reports/paper_tables
 
 clean: ## remove generated data (runs, caches, reports); keeps .venv
 	rm -rf runs .cache reports lightning_logs wandb .pytest_cache .ruff_cache
