@@ -49,8 +49,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", default=None, help="override data.cache_dir")
     parser.add_argument("--sparsifiers", default=",".join(SPARSIFIERS))
     parser.add_argument("--max-epochs", type=int, default=None, help="override trainer.max_epochs")
-    parser.add_argument("--n-images", type=int, default=None, help="evaluation images (default all 360)")
-    parser.add_argument("--teacher-epochs", type=int, default=None, help="(tests) shorter teacher training")
+    parser.add_argument(
+        "--n-images", type=int, default=None, help="evaluation images (default all 360)"
+    )
+    parser.add_argument(
+        "--teacher-epochs", type=int, default=None, help="(tests) shorter teacher training"
+    )
     parser.add_argument("--min-teacher-accuracy", type=float, default=0.9)
     return parser.parse_args(argv)
 
@@ -66,8 +70,10 @@ def clt(args: list[str]) -> None:
 def common_overrides(opts: argparse.Namespace, teacher_dir: Path) -> list[str]:
     """Overrides shared by every command: where the teacher and the caches are."""
     args = [
-        "--data.teacher.model_config", str(teacher_dir / "model_config.json"),
-        "--data.teacher.weights", str(teacher_dir / "weights.safetensors"),
+        "--data.teacher.model_config",
+        str(teacher_dir / "model_config.json"),
+        "--data.teacher.weights",
+        str(teacher_dir / "weights.safetensors"),
     ]
     if opts.cache_dir:
         args += ["--data.cache_dir", opts.cache_dir]
@@ -83,8 +89,14 @@ def run_one(sparsifier: str, opts: argparse.Namespace, common: list[str]) -> Non
         log.info("%s: finished earlier, skipping (delete %s to redo)", sparsifier, root)
         return
     if not (root / "FIT_DONE").is_file():
-        fit = ["fit", *base, "--model.sparsifier.name", sparsifier,
-               "--trainer.default_root_dir", str(root)]
+        fit = [
+            "fit",
+            *base,
+            "--model.sparsifier.name",
+            sparsifier,
+            "--trainer.default_root_dir",
+            str(root),
+        ]
         if opts.max_epochs is not None:
             fit += ["--trainer.max_epochs", str(opts.max_epochs)]
         if last.is_file():
@@ -92,8 +104,16 @@ def run_one(sparsifier: str, opts: argparse.Namespace, common: list[str]) -> Non
         clt(fit)
         (root / "FIT_DONE").touch()
     # keep-top-k with k = 4 of 4 layers would keep everything: k = 2 keeps half the sources
-    evaluate = ["evaluate", *base, "--ckpt_path", str(last),
-                "--evaluation.output_dir", str(root / "evaluation"), "--evaluation.ablation_k", "2"]
+    evaluate = [
+        "evaluate",
+        *base,
+        "--ckpt_path",
+        str(last),
+        "--evaluation.output_dir",
+        str(root / "evaluation"),
+        "--evaluation.ablation_k",
+        "2",
+    ]
     if opts.n_images is not None:
         evaluate += ["--evaluation.n_images", str(opts.n_images)]
     clt(evaluate)
@@ -103,10 +123,22 @@ def run_retrieval(opts: argparse.Namespace, common: list[str], sparsifier: str) 
     root = Path(opts.runs) / sparsifier
     for aggregation in ("cls", "patches"):
         for query in QUERY_INDICES:
-            clt(["retrieve", "--config", opts.config, *common,
-                 "--ckpt_path", str(root / "checkpoints" / "last.ckpt"),
-                 "--retrieval.aggregation", aggregation, "--retrieval.query_index", str(query),
-                 "--retrieval.output_dir", str(root / "retrieval")])
+            clt(
+                [
+                    "retrieve",
+                    "--config",
+                    opts.config,
+                    *common,
+                    "--ckpt_path",
+                    str(root / "checkpoints" / "last.ckpt"),
+                    "--retrieval.aggregation",
+                    aggregation,
+                    "--retrieval.query_index",
+                    str(query),
+                    "--retrieval.output_dir",
+                    str(root / "retrieval"),
+                ]
+            )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -138,7 +170,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_retrieval(opts, common, "relu_topk" if "relu_topk" in sparsifiers else sparsifiers[0])
     timings["retrieval"] = time.perf_counter() - step
     timings["total"] = time.perf_counter() - start
-    report = write_report(Path(opts.runs), Path(opts.out), teacher_record(opts.teacher_dir), timings)
+    report = write_report(
+        Path(opts.runs), Path(opts.out), teacher_record(opts.teacher_dir), timings
+    )
     log.info("quickstart done in %.0f s; report: %s", timings["total"], report)
     return 0
 

@@ -16,8 +16,12 @@ from typing import Any
 from clt_lightning import plots
 from experiments.results import RunResult, atomic_write_text, load_runs
 
-NAMES = {"jumprelu": "JumpReLU", "relu_topk": "ReLU-TopK", "abs_topk": "Abs-TopK",
-         "batch_topk": "BatchTopK"}
+NAMES = {
+    "jumprelu": "JumpReLU",
+    "relu_topk": "ReLU-TopK",
+    "abs_topk": "Abs-TopK",
+    "batch_topk": "BatchTopK",
+}
 MODES = {"cls": "[CLS] only", "patches": "patches only", "all": "all tokens"}
 
 
@@ -65,28 +69,69 @@ def reconstruction_section(runs: list[RunResult]) -> str:
 
 def faithfulness_section(runs: list[RunResult]) -> str:
     """Table 5 for every run and window."""
-    header = ["sparsifier", "window", "tokens", "ΔAcc", "Flip %", "KL", "Top-1 %", "Top-5 %",
-              "Cos", "CKA", "Spear.", "prompt r", "prompt KL"]
+    header = [
+        "sparsifier",
+        "window",
+        "tokens",
+        "ΔAcc",
+        "Flip %",
+        "KL",
+        "Top-1 %",
+        "Top-5 %",
+        "Cos",
+        "CKA",
+        "Spear.",
+        "prompt r",
+        "prompt KL",
+    ]
     rows = []
     for run in runs:
         for r in (run.faithfulness or {}).get("rows", []):
-            rows.append([NAMES.get(run.sparsifier, run.sparsifier), r["window"], r["mode"],
-                         r["delta_acc"], 100 * r["flip_rate"], r["kl"], r["top1_agreement"],
-                         r["top5_agreement"], r["cosine"], r["cka"], r["spearman"],
-                         r["prompt_r"], r["prompt_kl"]])
+            rows.append(
+                [
+                    NAMES.get(run.sparsifier, run.sparsifier),
+                    r["window"],
+                    r["mode"],
+                    r["delta_acc"],
+                    100 * r["flip_rate"],
+                    r["kl"],
+                    r["top1_agreement"],
+                    r["top5_agreement"],
+                    r["cosine"],
+                    r["cka"],
+                    r["spearman"],
+                    r["prompt_r"],
+                    r["prompt_kl"],
+                ]
+            )
     return md_table(header, rows, digits=3)
 
 
 def ablation_section(runs: list[RunResult]) -> str:
     """Necessity (drop the top-1 source) and sufficiency (keep the top-k) at the last layer."""
-    header = ["sparsifier", "tokens", "baseline", "all sources", "drop top-1", "keep top-k",
-              "ranking C[s, L-1]"]
+    header = [
+        "sparsifier",
+        "tokens",
+        "baseline",
+        "all sources",
+        "drop top-1",
+        "keep top-k",
+        "ranking C[s, L-1]",
+    ]
     rows = []
     for run in runs:
         for r in (run.ablations or {}).get("rows", []):
-            rows.append([NAMES.get(run.sparsifier, run.sparsifier), r["mode"], r["baseline"],
-                         r["all_sources"], r["drop_top1"], r["keep_topk"],
-                         " ".join(map(str, r["ranking"]))])
+            rows.append(
+                [
+                    NAMES.get(run.sparsifier, run.sparsifier),
+                    r["mode"],
+                    r["baseline"],
+                    r["all_sources"],
+                    r["drop_top1"],
+                    r["keep_topk"],
+                    " ".join(map(str, r["ranking"])),
+                ]
+            )
     return md_table(header, rows)
 
 
@@ -110,14 +155,19 @@ def copy_figures(runs: list[RunResult], out: Path) -> dict[str, list[str]]:
 
 def reconstruction_figure(runs: list[RunResult], out: Path) -> str:
     """Figures 6-10 layout: cosine, MSE (log) and R² across layers, one line per sparsifier."""
-    curves = {NAMES.get(r.sparsifier, r.sparsifier): r.reconstruction["all"]
-              for r in runs if r.reconstruction}
+    curves = {
+        NAMES.get(r.sparsifier, r.sparsifier): r.reconstruction["all"]
+        for r in runs
+        if r.reconstruction
+    }
     path = out / "figures" / "reconstruction.png"
     plots.reconstruction_curves(curves, path, title="CLT reconstruction across layers (all tokens)")
     return str(path.relative_to(out))
 
 
-def write_report(runs_dir: Path, out: Path, teacher: dict[str, Any], timings: dict[str, float]) -> Path:
+def write_report(
+    runs_dir: Path, out: Path, teacher: dict[str, Any], timings: dict[str, float]
+) -> Path:
     """Write `out/report.md` from the runs under `runs_dir`; returns its path."""
     loaded = load_runs(runs_dir)
     order = {name: i for i, name in enumerate(NAMES)}
@@ -134,17 +184,31 @@ def write_report(runs_dir: Path, out: Path, teacher: dict[str, Any], timings: di
         "Everything below ran offline on this machine's CPU: a tiny CLIP trained by the project on "
         "scikit-learn's 1,797 real handwritten digits, its activation cache, one Cross-Layer "
         "Transcoder per sparsifier of the paper, the evaluation suite and layer-wise retrieval.",
-        "## Teacher\n\n" + md_table(
+        "## Teacher\n\n"
+        + md_table(
             ["model", "zero-shot top-1 on held-out digits", "chance", "train images", "val images"],
-            [["open_clip CLIP, 4 layers, width 64, 17 tokens", f"{accuracy:.1f}%", "10%", 1437, 360]],
+            [
+                [
+                    "open_clip CLIP, 4 layers, width 64, 17 tokens",
+                    f"{accuracy:.1f}%",
+                    "10%",
+                    1437,
+                    360,
+                ]
+            ],
         ),
-        "## Time\n\n" + md_table(["step", "seconds"], [[k, v] for k, v in timings.items()], digits=0),
-        "## Reconstruction (paper: Figures 6-10)\n\n" + image(recon, "reconstruction curves")
-        + "\n\n" + reconstruction_section(runs),
+        "## Time\n\n"
+        + md_table(["step", "seconds"], [[k, v] for k, v in timings.items()], digits=0),
+        "## Reconstruction (paper: Figures 6-10)\n\n"
+        + image(recon, "reconstruction curves")
+        + "\n\n"
+        + reconstruction_section(runs),
         "## Cascaded replacement (paper: Tables 6-23)\n\n"
         "Layers s→L-1 have their MLP output replaced by the CLT's for the given tokens; "
-        "inputs are read from the modified run (DESIGN: Replacement).\n\n" + cascade_section(runs)
-        + "\n\n" + "\n".join(image(p, "cascade") for p in figures["cascade"]),
+        "inputs are read from the modified run (DESIGN: Replacement).\n\n"
+        + cascade_section(runs)
+        + "\n\n"
+        + "\n".join(image(p, "cascade") for p in figures["cascade"]),
         "## Faithfulness (paper: Table 5)\n\n" + faithfulness_section(runs),
         "## Contribution scores C[s, l] (paper: Figures 11-16)\n\n"
         "Rows: source layer s; columns: target layer l; the bias row is separate; columns sum to 1.\n\n"

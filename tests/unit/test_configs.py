@@ -17,15 +17,28 @@ PAPER = [p for p in RUN_CONFIGS if p.stem != "quickstart"]
 
 def test_all_paper_runs_are_shipped() -> None:
     names = {p.stem for p in PAPER}
-    expected = {f"{d}_{b}_{s}" for d in ("cifar100", "coco", "imagenet100") for b in ("b32", "b16")
-                for s in ("jumprelu", "relu_topk", "abs_topk")}
+    expected = {
+        f"{d}_{b}_{s}"
+        for d in ("cifar100", "coco", "imagenet100")
+        for b in ("b32", "b16")
+        for s in ("jumprelu", "relu_topk", "abs_topk")
+    }
     assert names == expected
 
 
 @pytest.mark.parametrize("config", RUN_CONFIGS, ids=lambda p: p.stem)
 def test_config_instantiates(config: Path, tmp_path: Path) -> None:
-    cli = build_cli(["--config", str(config), "--trainer.default_root_dir", str(tmp_path),
-                     "--trainer.logger", "false"], run=False)
+    cli = build_cli(
+        [
+            "--config",
+            str(config),
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.logger",
+            "false",
+        ],
+        run=False,
+    )
     assert isinstance(cli.model, CLTModule)
     assert isinstance(cli.datamodule, ActivationDataModule)
     if config.stem == "quickstart":
@@ -40,5 +53,7 @@ def test_config_instantiates(config: Path, tmp_path: Path) -> None:
     assert cli.trainer.max_epochs == 10
     assert cli.datamodule.token_filter == "all"
     assert cli.datamodule.dataset_config.name == dataset
-    assert cli.datamodule.teacher_config.model_name == {"b32": "ViT-B-32", "b16": "ViT-B-16"}[backbone]
+    assert (
+        cli.datamodule.teacher_config.model_name == {"b32": "ViT-B-32", "b16": "ViT-B-16"}[backbone]
+    )
     assert cli.datamodule.teacher_config.pretrained == "openai"

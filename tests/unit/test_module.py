@@ -92,8 +92,15 @@ def test_fit_on_planted_problem_reaches_r2_and_logs_per_layer_metrics(tmp_path: 
     for layer in range(N_LAYERS):
         assert last_value(rows, f"val/r2/layer_{layer:02d}") > 0.9
     header = set(rows[0].keys())
-    expected = {"train/loss", "val/mse/layer_02", "val/r2/cls/layer_00", "val/r2/patches/mean",
-                "val/cosine/mean", "val/l0/layer_01", "train/dead_fraction/mean"}
+    expected = {
+        "train/loss",
+        "val/mse/layer_02",
+        "val/r2/cls/layer_00",
+        "val/r2/patches/mean",
+        "val/cosine/mean",
+        "val/l0/layer_01",
+        "train/dead_fraction/mean",
+    }
     assert expected <= header
     # the logged L0 is what relu_topk allows: at most k per token
     assert last_value(rows, "val/l0/mean") <= 8 + 1e-6
@@ -151,8 +158,14 @@ def test_non_finite_loss_names_step_and_layer(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("step", "schedule", "expected"),
-    [(0, "constant", 0.1), (9, "constant", 1.0), (50, "constant", 1.0), (10, "cosine", 1.0),
-     (110, "cosine", 0.1), (60, "cosine", 0.1 + 0.9 * 0.5)],
+    [
+        (0, "constant", 0.1),
+        (9, "constant", 1.0),
+        (50, "constant", 1.0),
+        (10, "cosine", 1.0),
+        (110, "cosine", 0.1),
+        (60, "cosine", 0.1 + 0.9 * 0.5),
+    ],
 )
 def test_lr_factor_warmup_then_schedule(step: int, schedule: str, expected: float) -> None:
     assert math.isclose(lr_factor(step, 10, 110, schedule, 0.1), expected, rel_tol=1e-9)
