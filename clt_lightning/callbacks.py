@@ -62,12 +62,20 @@ def log_to_loggers(trainer: L.Trainer, payloads: dict[str, Any], folder: Path) -
             rows = payloads["faithfulness"]["rows"]
             if rows:
                 columns = list(rows[0])
-                logger.log_table("eval/faithfulness", columns=columns,
-                                 data=[[r[c] for c in columns] for r in rows], step=step)
+                logger.log_table(
+                    "eval/faithfulness",
+                    columns=columns,
+                    data=[[r[c] for c in columns] for r in rows],
+                    step=step,
+                )
             images = sorted(folder.glob("*.png"))
             if images:
-                logger.log_image("eval/figures", [str(p) for p in images],
-                                 caption=[p.stem for p in images], step=step)
+                logger.log_image(
+                    "eval/figures",
+                    [str(p) for p in images],
+                    caption=[p.stem for p in images],
+                    step=step,
+                )
 
 
 class EvaluationCallback(Callback):
@@ -87,7 +95,9 @@ class EvaluationCallback(Callback):
         at_fit_end: bool = True,
     ) -> None:
         if every_n_epochs < 0:
-            raise ConfigError(f"EvaluationCallback.every_n_epochs must be >= 0, got {every_n_epochs}")
+            raise ConfigError(
+                f"EvaluationCallback.every_n_epochs must be >= 0, got {every_n_epochs}"
+            )
         self.config, self.every_n_epochs, self.at_fit_end = config, every_n_epochs, at_fit_end
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, subdir: str) -> None:
@@ -98,8 +108,15 @@ class EvaluationCallback(Callback):
             dataset = build_dataset(trainer.datamodule.dataset_config, "val", teacher.preprocess)
             folder = Path(self.config.output_dir or Path(trainer.default_root_dir) / subdir)
             was_training = pl_module.training
-            payloads = run_suite(teacher, pl_module.clt, dataset, list(dataset.class_names),
-                                 info, replace(self.config, output_dir=str(folder)), folder)
+            payloads = run_suite(
+                teacher,
+                pl_module.clt,
+                dataset,
+                list(dataset.class_names),
+                info,
+                replace(self.config, output_dir=str(folder)),
+                folder,
+            )
             pl_module.train(was_training)
             log_to_loggers(trainer, payloads, folder)
         trainer.strategy.barrier("clt_evaluation")
@@ -153,9 +170,17 @@ class RetrievalCallback(Callback):
         grids = []
         for i, index in enumerate(self.query_indices):
             result = build_and_query(
-                teacher, pl_module.clt, corpus, folder / f"index_{self.aggregation}", folder,
-                query_index=index, query_dataset=queries, k=self.k,
-                aggregation=self.aggregation, rebuild=i == 0, progress=True,
+                teacher,
+                pl_module.clt,
+                corpus,
+                folder / f"index_{self.aggregation}",
+                folder,
+                query_index=index,
+                query_dataset=queries,
+                k=self.k,
+                aggregation=self.aggregation,
+                rebuild=i == 0,
+                progress=True,
             )
             grids.append(str(result.grid_path))
         for logger in trainer.loggers:

@@ -17,6 +17,9 @@ Design decisions:
   (where a resume is exact whatever the dataloader) and when fit ends. Lightning's own
   ModelCheckpoint with `every_n_train_steps` writes neither of the last two, so its
   last.ckpt could miss the final steps of a run.
+- Reading (`--ckpt_path`) is weights-only unless the user asks otherwise: a checkpoint is
+  never a way to run code. A missing, truncated or foreign file is a `CLTError` naming it,
+  not a traceback from inside torch.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import contextlib
 import errno
 import logging
 import os
+import pickle
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +39,31 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from clt_lightning.errors import ConfigError, DiskSpaceError
+from clt_lightning.errors import (
+    CheckpointMismatchError,
+    ConfigError,
+    DataNotFoundError,
+    DiskSpaceError,
+)
 
 log = logging.getLogger(__name__)
+
+
+class UnreadableCheckpointError(CheckpointMismatchError):
+    """A checkpoint file that is truncated, not a torch checkpoint, or not weights-only."""
+
+
+CHECKPOINT_READ_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError)
+"""What torch.load raises for a truncated, foreign or not-weights-only file."""
+
+
+def unreadable_checkpoint(path: str | Path, error: BaseException) -> UnreadableCheckpointError:
+    """The error for a checkpoint torch.load cannot read (first line of torch's reason)."""
+    reason = (str(error).strip().splitlines() or [""])[0].split(". ")[0][:200]
+    return UnreadableCheckpointError(
+        f"cannot read the checkpoint {path}: {type(error).__name__}: {reason}. It is truncated "
+        "or not a checkpoint written by `clt fit`; point --ckpt_path at another file"
+    )
 
 
 def temp_path(path: Path) -> Path:
@@ -93,6 +120,28 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 ) from error
             raise
         _fsync_dir(path.parent)
+
+    def load_checkpoint(
+        self,
+        path: str | Path,
+        map_location: Callable | None = lambda storage, loc: storage,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        """Load a checkpoint, weights-only unless `weights_only=False` is asked for.
+
+        Raises:
+            DataNotFoundError: No file at `path`.
+            UnreadableCheckpointError: Truncated, not a checkpoint, or holding objects a
+                weights-only load refuses (never unpickled).
+        """
+        if _is_local_file_protocol(path) and not Path(path).is_file():
+            raise DataNotFoundError(f"checkpoint not found: {path}")
+        try:
+            return super().load_checkpoint(
+                path, map_location, True if weights_only is None else weights_only
+            )
+        except CHECKPOINT_READ_ERRORS as error:
+            raise unreadable_checkpoint(path, error) from error
 
 
 class CLTCheckpoint(ModelCheckpoint):

@@ -16,6 +16,7 @@ Errors caused by the user (`CLTError`) are printed as one line and exit with sta
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -68,7 +69,9 @@ class CLTTrainer(Trainer):
             ckpt_path: Checkpoint written by `clt fit`.
             evaluation: What to compute and where to write it.
         """
-        commands.evaluate(datamodule.teacher_config, datamodule.dataset_config, ckpt_path, evaluation)
+        commands.evaluate(
+            datamodule.teacher_config, datamodule.dataset_config, ckpt_path, evaluation
+        )
 
     def retrieve(
         self,
@@ -83,7 +86,9 @@ class CLTTrainer(Trainer):
             ckpt_path: Checkpoint written by `clt fit`.
             retrieval: Index and query settings.
         """
-        commands.retrieve(datamodule.teacher_config, datamodule.dataset_config, ckpt_path, retrieval)
+        commands.retrieve(
+            datamodule.teacher_config, datamodule.dataset_config, ckpt_path, retrieval
+        )
 
     def export(
         self, model: CLTModule, datamodule: ActivationDataModule, ckpt_path: str, output_dir: str
@@ -180,6 +185,16 @@ def main(args: list[str] | None = None) -> int:
         build_cli(args)
     except CLTError as error:
         print(f"clt: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a full disk anywhere (index, figure, log): one line, no trace
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(
+            f"clt: error: no space left on the device ({error.filename or error}); free some "
+            "space and rerun: `clt cache` resumes after its last complete shard, `clt fit` "
+            "with --ckpt_path last, the other commands start over",
+            file=sys.stderr,
+        )
         return 2
     finally:
         finish_wandb_run()

@@ -84,12 +84,12 @@ def evaluate(
     info = RunInfo(
         run_name=folder.name,
         dataset=dataset_config.name,
-        backbone=backbone_tag(teacher_config.model_name if not teacher_config.model_config else None),
+        backbone=backbone_tag(
+            teacher_config.model_name if not teacher_config.model_config else None
+        ),
         checkpoint=str(ckpt_path),
     )
-    payloads = run_suite(
-        teacher, clt, dataset, list(dataset.class_names), info, config, output_dir
-    )
+    payloads = run_suite(teacher, clt, dataset, list(dataset.class_names), info, config, output_dir)
     log.info("evaluation written to %s", output_dir)
     return payloads
 

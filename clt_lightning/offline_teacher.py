@@ -10,11 +10,13 @@ Design decisions:
 - The model is open_clip's own `CLIP`, described by an open_clip model-config JSON written
   next to the weights, so `TeacherConfig(model_config=..., weights=...)` loads it like any
   custom open_clip model; nothing here is special to the rest of the pipeline.
-- Every image the model is trained and evaluated on goes through open_clip's eval transform
-  (`open_clip.image_transform(image_size, is_train=False)`) applied to a PIL image, which
-  is exactly what the teacher applies downstream, so the zero-shot accuracy measured here
-  is the one the rest of the pipeline sees. Augmentation (a random affine warp with a
-  black fill) is applied afterwards, to the transformed tensors, during training only.
+- Every image the model is trained and evaluated on is an image of the project's `digits`
+  dataset put through open_clip's eval transform, built from the model config exactly as
+  `Teacher.preprocess` is (for the default config: `open_clip.image_transform(32,
+  is_train=False)`: bicubic resize, center crop, to tensor, OpenAI mean/std), so the
+  zero-shot accuracy measured here is the one the rest of the pipeline sees. Augmentation
+  (a random affine warp with a black fill) is applied afterwards, to the transformed
+  tensors, during training only.
 - The loss is CLIP's symmetric contrastive loss with every caption of every class in the
   batch, and with all same-class pairs as positives (as in UniCL): ten classes make many
   exact duplicates in a batch, which plain InfoNCE would push apart.
@@ -31,6 +33,7 @@ Design decisions:
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import hashlib
 import json
@@ -536,6 +539,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)  # mkstemp makes 0600; the cache is meant to be shared
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -634,7 +638,8 @@ def ensure_digits_teacher(
             not cached as valid).
     """
     folder = Path(cache_dir).expanduser()
-    recipe = _recipe(model_config or DEFAULT_MODEL_CONFIG, settings or TrainSettings(), seed)
+    model_config = copy.deepcopy(model_config or DEFAULT_MODEL_CONFIG)
+    recipe = _recipe(model_config, settings or TrainSettings(), seed)
     record = None if force else _load_cached(folder, recipe)
     trained = record is None
     if record is None:
@@ -674,7 +679,8 @@ def _check_accuracy(accuracy: float, min_accuracy: float, folder: Path) -> None:
     if accuracy < min_accuracy:
         raise TeacherAccuracyError(
             f"digits teacher in {folder}: val zero-shot accuracy {accuracy:.4f} is below "
-            f"min_accuracy {min_accuracy}; train longer (TrainSettings.epochs) or lower min_accuracy"
+            f"min_accuracy {min_accuracy}; train longer (TrainSettings.epochs) or lower "
+            "min_accuracy"
         )
 
 

@@ -16,9 +16,12 @@ Design decisions:
   every stored token). Online: estimated in `setup()` from the first `online_stats_images`
   images of a permutation seeded by `seed` alone (all tokens), so every rank computes the
   same values without communication.
-- The epoch that seeds shard order and shuffling is `trainer.current_epoch`, read by the
-  train loader each time it starts iterating, so a resumed run replays the same epoch's
-  order (from the epoch's start: a mid-epoch resume does not skip consumed batches).
+- The epoch that seeds shard order and shuffling is Lightning's count of processed
+  epochs (what it gives samplers; `trainer.current_epoch` lags by one when resuming from
+  a checkpoint written at an epoch's end), read by the train loader each time it starts
+  iterating, so a resumed run replays the same epoch's order. The train loader is
+  stateful (`EpochDataLoader.state_dict`): a mid-epoch resume skips the batches already
+  consumed and continues with exactly the remaining ones.
   Without a trainer, `set_epoch()` sets it. Loaders must not use persistent workers: the
   workers copy the stream, epoch included, when an iteration starts.
 - Every rank yields the same number of batches per epoch: each worker yields only full
@@ -38,6 +41,9 @@ Design decisions:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import itertools
+import json
 import logging
 import math
 import time
@@ -60,7 +66,7 @@ from clt_lightning.data.streams import (
     permutation,
 )
 from clt_lightning.errors import CacheError, ConfigError
-from clt_lightning.teacher import Teacher, TeacherConfig
+from clt_lightning.teacher import Teacher, TeacherConfig, file_sha256
 
 __all__ = ["ActivationDataModule", "EpochDataLoader", "assign_shards", "bench_datamodule"]
 
@@ -70,22 +76,49 @@ _STATS_STREAM = 0x57A75  # entropy tag for the online normalisation image sample
 
 
 class EpochDataLoader(DataLoader):
-    """DataLoader that sets its stream's epoch from `epoch_fn()` each time iteration starts.
+    """DataLoader that sets its stream's epoch from `epoch_fn()` each time iteration starts,
+    and that resumes mid-epoch (Lightning's stateful-dataloader protocol).
 
     Lightning calls `set_epoch` only on samplers, and an IterableDataset has none; this
-    runs in the main process before workers copy the stream.
+    runs in the main process before workers copy the stream. `state_dict()` (saved in every
+    checkpoint) records the epoch being iterated and the batches the training loop consumed
+    (`consumed_fn()`); after `load_state_dict()`, the next iteration of that same epoch
+    skips those batches, so a run resumed from a mid-epoch checkpoint trains on exactly
+    the batches an uninterrupted run would. Skipping replays the stream (it reads and
+    shuffles the skipped shards again), which keeps the shuffle buffer's state exact.
     """
 
     def __init__(
-        self, *args: Any, epoch_fn: Callable[[], int] | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        epoch_fn: Callable[[], int] | None = None,
+        consumed_fn: Callable[[], int] | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.epoch_fn = epoch_fn
+        self.consumed_fn = consumed_fn
+        self._epoch: int | None = None
+        self._resume: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """{"epoch": epoch being iterated, "batches": batches of it consumed}."""
+        return {"epoch": self._epoch, "batches": self.consumed_fn() if self.consumed_fn else 0}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Skip the consumed batches when the saved epoch is iterated next."""
+        self._resume = dict(state_dict)
 
     def __iter__(self) -> Iterator[Any]:
-        if self.epoch_fn is not None:
-            self.dataset.set_epoch(self.epoch_fn())
-        return super().__iter__()
+        self._epoch = None if self.epoch_fn is None else self.epoch_fn()
+        if self._epoch is not None:
+            self.dataset.set_epoch(self._epoch)
+        iterator = super().__iter__()
+        resume, self._resume = self._resume, None
+        if resume and resume.get("epoch") == self._epoch and resume.get("batches", 0) > 0:
+            log.info("resuming epoch %d after %d batches", self._epoch, resume["batches"])
+            return itertools.islice(iterator, resume["batches"], None)
+        return iterator
 
 
 def scales_from_mean_sq_norm(mean_sq_norm: Tensor, d_model: int) -> Tensor:
@@ -125,7 +158,26 @@ def cache_config_mismatches(
     }
     if teacher.model_config is None:
         pairs["teacher.model_name"] = (stored_teacher.get("model_name"), teacher.model_name)
+    else:  # same shapes, another model: only the hash tells (what `clt cache` compares)
+        pairs["teacher.model_config (sha256)"] = (
+            stored_teacher.get("model_config_sha256"),
+            _model_config_sha256(teacher.model_config),
+        )
+    if teacher.weights is not None:  # reads the file once per setup (~1 s per GB)
+        pairs["teacher.weights (sha256)"] = (
+            stored_teacher.get("weights_sha256"),
+            file_sha256(teacher.weights),
+        )
     return [f"{key}: cache has {a!r}, config has {b!r}" for key, (a, b) in pairs.items() if a != b]
+
+
+def _model_config_sha256(path: str) -> str | None:
+    """The teacher identity's `model_config_sha256`: sha256 of the JSON with sorted keys."""
+    try:
+        canonical = json.dumps(json.loads(Path(path).read_text()), sort_keys=True)
+    except (OSError, json.JSONDecodeError):
+        return None  # the teacher reports the bad file when it is built
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 class ActivationDataModule(L.LightningDataModule):
@@ -311,7 +363,11 @@ class ActivationDataModule(L.LightningDataModule):
         _report_coverage(stream, self.batch_size)
         workers = self.num_workers if self.source == "cache" else 0
         return EpochDataLoader(
-            stream, batch_size=None, num_workers=workers, epoch_fn=self._current_epoch
+            stream,
+            batch_size=None,
+            num_workers=workers,
+            epoch_fn=self._current_epoch,
+            consumed_fn=self._batches_consumed,
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -371,8 +427,20 @@ class ActivationDataModule(L.LightningDataModule):
         return self._meta[key]
 
     def _current_epoch(self) -> int:
+        """The epoch the train loader iterates next: Lightning's count of epochs *processed*
+        (what it gives samplers). `trainer.current_epoch` counts completed epochs, which
+        still includes the finished epoch as running when resuming from a checkpoint
+        written at on_train_epoch_end, and would replay that epoch's order."""
         trainer = self.trainer
-        return trainer.current_epoch if trainer is not None else self._epoch
+        if trainer is None:
+            return self._epoch
+        progress = getattr(getattr(trainer, "fit_loop", None), "epoch_progress", None)
+        return progress.current.processed if progress is not None else trainer.current_epoch
+
+    def _batches_consumed(self) -> int:
+        """Training batches of the current epoch the loop has consumed (for state_dict)."""
+        loop = getattr(self.trainer, "fit_loop", None)
+        return loop.epoch_loop.batch_progress.current.processed if loop is not None else 0
 
     def _layout(self) -> tuple[int, int]:
         """(world_size, rank) from the trainer, else torch.distributed, else (1, 0)."""

@@ -598,6 +598,11 @@ class OnlineTokenStream(IterableDataset):
             pixels, image_ids = item
             with torch.no_grad():
                 captured = self.capture(pixels.to(self.device))
+            if not (torch.isfinite(captured.x).all() and torch.isfinite(captured.y).all()):
+                raise CacheError(
+                    f"the teacher's activations are not finite (NaN/Inf) for images "
+                    f"{image_ids.tolist()}; check teacher.weights and teacher.precision"
+                )
             n, n_tokens = captured.x.shape[:2]
             token_index = torch.arange(n_tokens, device=self.device).expand(n, n_tokens)
             shard = {

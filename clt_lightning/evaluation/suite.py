@@ -108,7 +108,10 @@ def reconstruction_metrics(teacher: Any, clt: Any, loader: DataLoader) -> dict[s
     Returns:
         group ("all", "cls", "patches") -> metric -> per-layer list.
     """
-    metrics = {g: ReconstructionMetrics(clt.n_layers, clt.d_model) for g in TOKEN_MODES}
+    metrics = {  # one rank runs the suite: never all-gather (other ranks wait at a barrier)
+        g: ReconstructionMetrics(clt.n_layers, clt.d_model, sync_on_compute=False)
+        for g in TOKEN_MODES
+    }
     device = next(clt.parameters()).device
     for images, *_ in tqdm(loader, desc="reconstruction", leave=False):
         x, y = teacher.capture(images.to(teacher.device))

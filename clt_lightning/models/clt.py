@@ -40,7 +40,9 @@ from torch import Tensor, nn
 
 from clt_lightning.errors import CheckpointMismatchError, ConfigError, DataNotFoundError
 from clt_lightning.models.sparsifiers import (
+    AbsTopK,
     LossContext,
+    ReLUTopK,
     SparseCodes,
     SparsifierConfig,
     build_sparsifier,
@@ -64,12 +66,14 @@ SparseDecodeFn = Callable[[SparseCodes, Sequence[Tensor], Tensor], Tensor]
 class Encoding(NamedTuple):
     """What `CrossLayerTranscoder.encode` returns (scaled space)."""
 
-    pre: Tensor
-    """Pre-activations x_s @ W_enc + b_enc, [B, L, F]."""
-    z: Tensor
-    """Latent activations [B, L, F] (dense, mostly zero)."""
+    pre: Tensor | None
+    """Pre-activations x_s @ W_enc + b_enc, [B, L, F]; None on the fused TopK path."""
+    z: Tensor | None
+    """Latent activations [B, L, F] (dense, mostly zero); None on the fused TopK path."""
     codes: SparseCodes | None
     """The active latents as values/indices [B, L, k], when the sparsifier made them."""
+    aux_codes: SparseCodes | None = None
+    """AuxK codes of dead latents, chosen by the fused TopK encoder (None elsewhere)."""
 
 
 class CLTOutput(NamedTuple):
@@ -94,6 +98,25 @@ def scale_from_mean_sq_norm(mean_sq_norm: Tensor, d_model: int) -> Tensor:
         sqrt(d_model / mean_sq_norm) as float32 [L].
     """
     return torch.sqrt(d_model / torch.as_tensor(mean_sq_norm, dtype=torch.float64)).float()
+
+
+def _is_distributed() -> bool:
+    """Whether this process is one of several ranks of an initialised process group."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _aux_fields(result: Any) -> dict[str, Tensor]:
+    return {"aux_values": result.aux_values, "aux_indices": result.aux_indices}
+
+
+def _load_topk_encode() -> Callable[..., Any] | None:
+    """`topk_encode` from `models/sparse_decode.py`, or None when that module is absent."""
+    if _load_sparse_decode() is None:
+        return None
+    from clt_lightning.models.sparse_decode import topk_encode
+
+    return topk_encode
 
 
 @functools.lru_cache(maxsize=1)
@@ -236,6 +259,8 @@ class CrossLayerTranscoder(nn.Module):
     # ------------------------------------------------------------------ encode / decode
 
     def _want_codes(self) -> bool:
+        if not self.sparsifier.sparse_grad_exact and torch.is_grad_enabled():
+            return False  # `forward` decodes densely anyway (JumpReLU), codes would be wasted
         if self.decode_mode == "sparse":
             return True
         return self.decode_mode == "auto" and self.sparsifier.codes_are_cheap
@@ -316,8 +341,64 @@ class CrossLayerTranscoder(nn.Module):
         """
         return self.decode_scaled(z) / self.output_scale[:, None]
 
+    def _fused_topk_applies(self) -> bool:
+        """Whether `forward` takes the fused TopK path (see `forward`)."""
+        sparsifier = self.sparsifier
+        if not (self.training and torch.is_grad_enabled()):
+            return False
+        if type(sparsifier) not in (ReLUTopK, AbsTopK):  # per-token TopK only (not BatchTopK)
+            return False
+        if self.decode_mode == "dense" or (
+            self.decode_mode == "auto"
+            and self.sparsifier_config.k * AUTO_SPARSE_RATIO > self.n_latents
+        ):
+            return False
+        return _load_topk_encode() is not None and _load_sparse_decode() is not None
+
+    def _encode_fused(self, x: Tensor) -> Encoding:
+        """Training encode of relu/abs TopK through `sparse_decode.topk_encode`.
+
+        Args:
+            x: Raw MLP inputs [B, L, d].
+
+        Returns:
+            Encoding(None, None, codes [B, L, k], aux_codes [B, L, k_aux] or None); the
+            dead-latent statistics are updated from the batch's fired latents.
+        """
+        self._check_activations("x", x)
+        sparsifier, config = self.sparsifier, self.sparsifier_config
+        topk_encode = functools.partial(
+            _load_topk_encode(),
+            self.scale_inputs(x),
+            self.W_enc,
+            self.b_enc,
+            config.k,
+            signed=sparsifier.signed,
+            aux_k=min(config.aux_k, self.n_latents),
+        )
+        distributed = _is_distributed()
+        # One pass picks the AuxK codes from this batch's fired latents. Under DDP "dead"
+        # depends on every rank's batch (`record_fired` all-reduces), known only after the
+        # pass: a second pass then picks them among the dead latents (only when some are).
+        candidates = None if distributed else sparsifier.aux_candidates(x.shape[0])
+        result = topk_encode(aux_candidates=candidates)
+        sparsifier.record_fired(result.fired, x.shape[0])
+        if distributed and config.aux_coeff > 0:
+            dead = sparsifier.dead_mask()
+            if bool(dead.any()):
+                result = result._replace(**_aux_fields(topk_encode(aux_candidates=dead)))
+        codes = SparseCodes(result.values, result.indices)
+        aux = SparseCodes(result.aux_values, result.aux_indices)
+        return Encoding(None, None, codes, aux if aux.values.shape[-1] else None)
+
     def forward(self, x: Tensor) -> CLTOutput:
         """Encode and decode every layer.
+
+        Training ReLU-/Abs-TopK with sparse decoding (`decode="sparse"`, or `"auto"` with
+        k * 8 <= F) and gradients enabled takes a fused path: `sparse_decode.topk_encode`
+        computes the codes layer by layer and back-propagates only through the kept
+        latents, so no [B, L, F] tensor is kept; `encoding.pre` and `encoding.z` are then
+        None (the AuxK codes travel in `encoding.aux_codes`). Same values and gradients.
 
         Args:
             x: Raw MLP inputs [B, L, d].
@@ -325,6 +406,10 @@ class CrossLayerTranscoder(nn.Module):
         Returns:
             CLTOutput(y_hat raw [B, L, d], y_hat_scaled [B, L, d], encoding).
         """
+        if self._fused_topk_applies():
+            encoding = self._encode_fused(x)
+            y_hat_scaled = self.decode_scaled(encoding.codes)
+            return CLTOutput(y_hat_scaled / self.output_scale[:, None], y_hat_scaled, encoding)
         encoding = self.encode(x)
         use_codes = self._prefers_sparse(encoding.codes) and (
             self.sparsifier.sparse_grad_exact or not torch.is_grad_enabled()
@@ -399,9 +484,10 @@ class CrossLayerTranscoder(nn.Module):
             codes=enc.codes,
             y_scaled=y_scaled,
             y_hat_scaled=output.y_hat_scaled,
-            decoder_norms=self.decoder_norms(),
+            decoder_norms=self.decoder_norms() if self.sparsifier.needs_decoder_norms else None,
             decode_fn=functools.partial(self.decode_scaled, bias=False),
             progress=progress,
+            aux_codes=enc.aux_codes,
         )
         return self.sparsifier.losses(ctx)
 

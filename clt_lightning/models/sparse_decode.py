@@ -1,43 +1,71 @@
-"""Sparse decoding for the cross-layer transcoder: touch only the k active decoder rows.
+"""Sparse training path of the cross-layer transcoder: touch only the k active latents.
 
-The dense decoder computes ``y_hat[:, l] = b_dec[l] + sum_{s<=l} z_s @ W_dec[s][:, l - s]``
-with dense codes ``z_s`` [B, F], which costs ``2 * F * d * L(L+1)/2`` FLOP per token
-(~1.5 GFLOP forward, ~4.4 GFLOP forward+backward at L=12, d=768, F=12,288). With TopK
-codes only k of the F latents are non-zero, so the same sum is a weighted sum of
-``k`` decoder rows per (token, source): ``k / F`` of the work (1/96 at k=128).
+Three pieces, used by `CrossLayerTranscoder.forward` when it trains ReLU-/Abs-TopK with
+sparse decoding (`decode="sparse"`, or `"auto"` with k * 8 <= F):
+
+1. :func:`sparse_decode`: ``y_hat[:, l] = b_dec[l] + sum_{s<=l} z_s @ W_dec[s][:, l - s]``
+   from the k active (value, index) pairs per (token, source) instead of dense z.
+2. :func:`topk_encode`: the TopK encoder fused with its selection, keeping no [B, L, F]
+   tensor and back-propagating through the kept latents only.
+3. :class:`GradientRecycler`: the multi-GB gradients of ``W_dec`` and ``W_enc`` reuse last
+   step's memory instead of fresh, page-faulted memory (CPU).
+
+The dense decoder costs ``2 * F * d * L(L+1)/2`` FLOP per token (~1.5 GFLOP forward,
+~4.4 GFLOP forward+backward at L=12, d=768, F=12,288); with TopK codes the same sum is a
+weighted sum of ``k`` decoder rows per (token, source), ``k / F`` of the work (1/96).
 
 Design decisions:
 
 - One call per *source* layer: ``W_dec[s]`` [F, L - s, d] is viewed as a table
   ``[F, (L - s) * d]``, so a single weighted row gather yields the contribution of source
   ``s`` to every target ``l >= s`` at once; it is added into ``y_hat[:, s:]``.
-- Two pure-PyTorch backends compute that gather:
+- Two pure-PyTorch decode backends compute that gather:
 
-  * ``"embedding_bag"``: ``F.embedding_bag(indices, table, per_sample_weights=values,
-    mode="sum")``. It never materialises the gathered rows. Its backward gives the
-    signed ``values`` gradient as per-slot dot products ``<grad_out, row>`` and the table
-    gradient by an index-add of ``value * grad_out`` into the active rows only.
+  * ``"embedding_bag"`` (the default, ``"torch"``): forward ``F.embedding_bag(indices,
+    table, per_sample_weights=values, mode="sum")``, which never materialises the
+    gathered rows. Backward (:class:`_EmbeddingBagDecode`): the signed ``values``
+    gradient as per-slot dot products ``<grad_out, row>`` (ATen's embedding-bag kernel),
+    and the table gradient by ``index_add_`` of ``value * grad_out`` into the active
+    rows of a recycled, zeroed gradient, in cache-sized blocks (:data:`ADD_CHUNK_BYTES`).
   * ``"gather"``: a custom ``autograd.Function`` (``index_select`` on the flattened table
     + ``bmm``; backward re-gathers the rows and ``index_add_`` s into them). It chunks
     over tokens so the gathered block stays under ``chunk_bytes``: an unchunked
-    [B, k, (L - s) * d] gather would be ~19 GB at B=4096 and the paper shape.
+    [B, k, (L - s) * d] gather would be ~19 GB at B=4096 and the paper shape. Kept as
+    the second implementation the tests check and as the backward of the fused kernel.
 
-  ``"torch"`` (the default) is ``"embedding_bag"``. Measured with
-  ``benchmarks/bench_decode.py`` on the project's 2-core CPU (shared, load ~6), paper
-  shape, B=64 tokens, fp32, 1 thread, one training step (forward + backward) of the
-  decode: dense 10.5 s, embedding_bag 3.4 s (3.1x), gather 7.3 s (1.4x); with 2 threads
-  23.9 / 8.6 / 14.8 s. Not measured on CUDA (no GPU here); the same default is used
-  there. ``gather`` is kept as the second implementation the tests check and as the
-  backward of the fused kernel.
 - Cost model: the sparse decode is memory-bound, not FLOP-bound. Each active latent
   reads its whole ``(L - s) * d`` decoder row, ~30 MB per token at the paper shape in fp32
-  (again for the backward), against 1.5 GFLOP per token forward for the dense decoder.
-  The speed-up is therefore set by the machine's FLOP/byte ratio and by how often rows
-  repeat within a batch, not by F / k = 96. At B=64 on the CPU, allocating the dense
-  2.9 GB ``W_dec`` gradient is most of the sparse step; that cost does not depend on B.
-- Neither backend ever builds a dense [B, L, F] code tensor or its gradient: the codes'
+  for the forward, as much again for the ``values`` gradient and twice that for the
+  read-modify-write of the gradient rows. The speed-up is therefore set by the machine's
+  FLOP/byte ratio and by how often rows repeat within a batch, not by F / k = 96.
+- The fused encoder (:func:`topk_encode`) computes ``pre_l = x_l W_enc[l] + b_enc[l]`` one
+  layer at a time ([B, F] at most), keeps the top k (and the AuxK candidates, see below),
+  and saves only x and the [B, L, k] codes. Its backward rebuilds one layer's [B, F]
+  gradient of ``pre`` from the [B, L, k] gradient of the kept values (TopK passes no
+  gradient to unselected latents, so this is the exact gradient) and multiplies it with
+  ``x_l`` into the recycled ``W_enc`` gradient. The unfused path keeps ``pre``, ``ReLU(pre)``
+  and ``z`` ([B, L, F] each) for the backward and builds two more in it.
+- AuxK needs the top ``aux_k`` *dead* latents of ``pre``, and "dead" depends on this
+  batch: a latent is dead after the batch if it was a candidate (``tokens_since_fired + B
+  >= dead_tokens``) and did not fire in it. The fused encoder knows which latents fired
+  in a layer as soon as it has selected that layer's top k, so it picks the AuxK codes
+  in the same pass; same codes as `sparsifiers._TopKBase.aux_codes` after the statistics
+  update, with shorter layers padded by (index 0, value 0) slots that pass no gradient.
+- Gradient recycling (:class:`GradientRecycler`): on the CPU a fresh 2.9 GB ``W_dec``
+  gradient is page-faulted in by the kernel every step (measured ~1 GB/s here, ~2.2 s per
+  step, most of the sparse step), while zeroing resident memory runs at ~10 GB/s. Buffers
+  are reused only when nothing else references them, so results never change; on CUDA
+  the caching allocator already reuses memory and nothing is recycled.
+- Measured with ``benchmarks/bench_train_step.py`` (whole training step, paper shape,
+  B=128, fp32, 1 thread, shared 2-core CPU): ReLU-TopK ~3.8x and Abs-TopK ~4.8x the tokens/s
+  of the dense step, with the same loss; ``benchmarks/bench_memory.py``: 0.17x the dense
+  step's activation memory. See ``docs/benchmarks.md`` for the current numbers.
+- Neither decode backend builds a dense [B, L, F] code tensor or its gradient: the codes'
   gradient is [B, L, k]. The ``W_dec`` gradient is dense (it is the parameter's gradient,
   and AdamW needs dense gradients), but only the active rows receive non-zero values.
+  A row-sparse gradient with a lazy AdamW was considered and not done: at B * k >= F
+  (B >= 96 here) most rows are touched every step (74% at B=128 for random codes), so
+  it would save little, and lazy updates change AdamW's semantics.
 - Dense codes are accepted (converted by :func:`dense_to_sparse`), but their gradient
   reaches only the non-zero entries of ``z``; the dense decoder's gradient is non-zero
   everywhere. That is exact for TopK sparsifiers (nothing flows back through an
@@ -47,7 +75,8 @@ Design decisions:
   dense reference. Top-k never produces them, but :func:`dense_to_sparse` pads short
   rows with index 0 (value 0), which may repeat an active index 0.
 - Values are cast to the decoder's dtype (``embedding_bag`` requires equal dtypes); the
-  result has the decoder's dtype.
+  result has the decoder's dtype. Under bf16 autocast the encoder's matmuls run in bf16
+  (the codes are bf16), its backward in the parameters' dtype.
 - ``backend="triton"`` is an optional fused CUDA forward (see :func:`_triton_available`).
   THERE WAS NO GPU WHEN IT WAS WRITTEN: it has only been run under the Triton CPU
   interpreter (``TRITON_INTERPRET=1``), never compiled for a GPU. ``backend="auto"``
@@ -62,11 +91,12 @@ import importlib.util
 import logging
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from clt_lightning.errors import ConfigError
 
@@ -143,7 +173,8 @@ def sparse_decode(
             is ``"triton"`` only on CUDA with Triton installed and ``CLT_FUSED_DECODE=1``,
             else ``"torch"``.
         chunk_bytes: Cap on the gathered-rows buffer of the ``gather``/``triton``
-            backends (bytes); unused by ``embedding_bag``.
+            backends and on the ``value * grad`` rows that the ``embedding_bag``
+            backward adds into the decoder gradient at once (bytes).
 
     Returns:
         Reconstruction ``y_hat`` [..., L, d] in ``W_dec``'s dtype.
@@ -165,9 +196,8 @@ def sparse_decode(
     if k == 0:
         return y.reshape(*lead_shape, n_layers, d_model)
     for source in range(n_layers):
-        table = W_dec[source].reshape(W_dec[source].shape[0], -1)
         contribution = _decode_source(
-            values[:, source], indices[:, source], table, resolved, chunk_bytes
+            values[:, source], indices[:, source], W_dec[source], resolved, chunk_bytes
         )
         y[:, source:] += contribution.view(n_tokens, n_layers - source, d_model)
     return y.reshape(*lead_shape, n_layers, d_model)
@@ -225,11 +255,12 @@ def _resolve_backend(backend: str, like: Tensor) -> str:
 
 
 def _decode_source(
-    values: Tensor, indices: Tensor, table: Tensor, backend: str, chunk_bytes: int
+    values: Tensor, indices: Tensor, weight: Tensor, backend: str, chunk_bytes: int
 ) -> Tensor:
-    """Weighted row sum for one source: [B, k] codes x [F, D] table -> [B, D]."""
+    """Weighted row sum for one source: [B, k] codes x W_dec[s] [F, L - s, d] -> [B, (L - s) d]."""
     if backend == "embedding_bag":
-        return F.embedding_bag(indices, table, per_sample_weights=values, mode="sum")
+        return _EmbeddingBagDecode.apply(values, indices, weight, chunk_bytes)
+    table = weight.reshape(weight.shape[0], -1)
     rows = _chunk_rows(indices.shape[1], table, chunk_bytes)
     if backend == "gather":
         return _GatherDecode.apply(values, indices, table, rows)
@@ -294,6 +325,344 @@ def _gather_rows(table: Tensor, indices: Tensor, buffer: Tensor) -> Tensor:
     out = buffer[: n_tokens * k]
     torch.index_select(table, 0, indices.reshape(-1), out=out)
     return out.view(n_tokens, k, table.shape[1])
+
+
+# --------------------------------------------------------------------------- embedding_bag
+
+
+class _EmbeddingBagDecode(torch.autograd.Function):
+    """``out[b] = sum_j values[b, j] * W[indices[b, j]]`` for one source, W [F, T, d] viewed [F, T d].
+
+    Forward: ``F.embedding_bag`` (never materialises the gathered rows). Backward:
+    ``d values[b, j] = <grad_out[b], W[indices[b, j]]>`` with ATen's embedding-bag kernel
+    for per-sample weights, and the decoder gradient by ``index_add_`` of
+    ``values[b, j] * grad_out[b]`` into the active rows of a zeroed gradient that
+    :data:`GRAD_RECYCLER` reuses from the previous step (on the CPU a fresh multi-GB
+    tensor costs page faults; a resident one only a memset). The ``value * grad`` rows
+    are added ``chunk_bytes`` at a time. Shapes: values/indices [B, k], out [B, T d].
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, values: Tensor, indices: Tensor, weight: Tensor, chunk_bytes: int
+    ) -> Tensor:
+        values, indices = values.contiguous(), indices.contiguous()
+        table = weight.reshape(weight.shape[0], -1)
+        ctx.save_for_backward(values, indices, weight)
+        ctx.chunk_bytes = chunk_bytes
+        return F.embedding_bag(indices, table, per_sample_weights=values, mode="sum")
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, None, Tensor | None, None]:
+        values, indices, weight = ctx.saved_tensors
+        need_values, _, need_weight, _ = ctx.needs_input_grad
+        grad_out = grad_out.contiguous()
+        table = weight.reshape(weight.shape[0], -1)
+        grad_values = grad_weight = None
+        if need_values:
+            grad_values = _per_slot_dot(grad_out, table, indices).view_as(values)
+        if need_weight:
+            grad_weight = GRAD_RECYCLER.zeros_like(weight)
+            _add_weighted_rows(
+                grad_weight.view(table.shape), indices, values, grad_out, ctx.chunk_bytes
+            )
+        return grad_values, None, grad_weight, None
+
+
+def _per_slot_dot(grad_out: Tensor, table: Tensor, indices: Tensor) -> Tensor:
+    """``<grad_out[b], table[indices[b, j]]>`` for every slot, flat [B k] (no gathered copy)."""
+    n_tokens, k = indices.shape
+    flat = indices.reshape(-1)
+    offsets = torch.arange(0, n_tokens * k, k, device=flat.device)
+    offset2bag = torch.arange(n_tokens, device=flat.device).repeat_interleave(k)
+    return torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        grad_out, table, flat, offsets, offset2bag, 0, -1
+    )
+
+
+ADD_CHUNK_BYTES = 2 * 2**20
+"""Largest ``value * grad`` block added at once: small enough to stay in cache between
+being written and being added (measured: 8 MB blocks were up to 3x slower than 1-2 MB)."""
+
+
+def _add_weighted_rows(
+    grad_table: Tensor, indices: Tensor, values: Tensor, grad_out: Tensor, chunk_bytes: int
+) -> None:
+    """``grad_table[indices[b, j]] += values[b, j] * grad_out[b]``, one block at a time.
+
+    A block is a few whole tokens, or part of one token's k slots when a token's rows
+    exceed the block size; each costs one broadcast multiply and one ``index_add_``.
+    """
+    n_tokens, k = indices.shape
+    width = grad_out.shape[1]
+    slots = max(1, min(chunk_bytes, ADD_CHUNK_BYTES) // max(1, width * grad_out.element_size()))
+    values = values.to(grad_out.dtype)
+    if slots >= k:
+        tokens = slots // k
+        for start in range(0, n_tokens, tokens):
+            stop = min(start + tokens, n_tokens)
+            block = values[start:stop, :, None] * grad_out[start:stop, None, :]
+            grad_table.index_add_(0, indices[start:stop].reshape(-1), block.view(-1, width))
+        return
+    for token in range(n_tokens):
+        for start in range(0, k, slots):
+            block = values[token, start : start + slots, None] * grad_out[token]
+            grad_table.index_add_(0, indices[token, start : start + slots], block)
+
+
+# --------------------------------------------------------------------------- recycling
+
+
+def _storage_use_count(tensor: Tensor) -> int:
+    """References to ``tensor``'s storage (tensors and views), as counted by c10."""
+    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
+
+
+class GradientRecycler:
+    """Hands out parameter-shaped gradient tensors that reuse last step's storage (CPU).
+
+    Why: on the CPU a fresh multi-GB tensor is page-faulted in by the kernel, measured at
+    ~1 GB/s on the project's machines (2.2 s per step for the 2.9 GB ``W_dec`` gradient at
+    the paper shape), while zeroing a resident one runs at memory bandwidth (~0.3 s).
+    The CUDA caching allocator already reuses memory, so recycling is CPU-only.
+
+    Safety rule: a buffer is reused only when nothing but the recycler references its
+    storage (the storage's use count is back to what it was when the buffer was made),
+    i.e. after ``zero_grad(set_to_none=True)`` dropped the gradient that viewed it.
+    Otherwise (gradient accumulation, ``zero_grad(set_to_none=False)``, a caller keeping
+    the gradient, a second decode of the same weight in one step) a fresh tensor is
+    returned, exactly as without recycling. What is returned is always a new view
+    (``detach()``), so autograd adopts it as ``param.grad`` without a copy.
+    Disabled while ``torch.compile`` traces.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.enabled = hasattr(torch._C, "_storage_Use_Count")
+
+    def zeros_like(self, weight: Tensor) -> Tensor:
+        """A zeroed tensor shaped, typed and laid out like ``weight``."""
+        buffer = self._reusable(weight)
+        return torch.zeros_like(weight) if buffer is None else buffer.zero_().detach()
+
+    def empty_like(self, weight: Tensor) -> Tensor:
+        """An uninitialised tensor like ``weight`` (for gradients written in full)."""
+        buffer = self._reusable(weight)
+        return torch.empty_like(weight) if buffer is None else buffer.detach()
+
+    def reserve(self, weights: Sequence[Tensor]) -> None:
+        """Allocate (and fault in) the buffers of ``weights`` now, e.g. before timing.
+
+        Args:
+            weights: Parameters whose gradients the sparse decode or the fused encoder
+                will produce (``W_dec[s]``, ``W_enc``).
+        """
+        for weight in weights:
+            buffer = self._reusable(weight)
+            if buffer is not None:
+                buffer.zero_()
+
+    def clear(self) -> None:
+        """Drop every buffer (their memory is freed once no gradient views them)."""
+        self._buffers = WeakIdKeyDictionary()
+
+    def nbytes(self) -> int:
+        """Bytes held by the buffers."""
+        return sum(buffer.nbytes for buffer, _ in self._buffers.values())
+
+    def _reusable(self, weight: Tensor) -> Tensor | None:
+        if (
+            not self.enabled
+            or weight.device.type != "cpu"
+            or not weight.is_contiguous()
+            or torch.compiler.is_compiling()
+        ):
+            return None
+        entry = self._buffers.get(weight)
+        if entry is None:
+            buffer = torch.empty_like(weight)
+            self._buffers[weight] = (buffer, _storage_use_count(buffer))
+            return buffer
+        buffer, idle_count = entry
+        same = buffer.shape == weight.shape and buffer.dtype == weight.dtype
+        if not same:
+            del self._buffers[weight]
+            return self._reusable(weight)
+        return buffer if _storage_use_count(buffer) == idle_count else None
+
+
+GRAD_RECYCLER = GradientRecycler()
+"""The recycler the sparse decode and the fused TopK encoder take gradients from."""
+
+
+# --------------------------------------------------------------------------- TopK encoder
+
+
+class TopKEncoding(NamedTuple):
+    """What :func:`topk_encode` returns."""
+
+    values: Tensor
+    """Kept activations [B, L, k] (ReLU(pre), or pre with its sign for ``signed``)."""
+    indices: Tensor
+    """Their latent indices [B, L, k] (int64)."""
+    aux_values: Tensor
+    """AuxK activations of dead latents [B, L, k_aux]; k_aux = 0 without AuxK. Layers
+    with fewer dead latents than k_aux are padded with index 0 and value 0."""
+    aux_indices: Tensor
+    """Their indices [B, L, k_aux] (int64)."""
+    fired: Tensor
+    """[L, F] bool: the latent is non-zero for at least one token of the batch."""
+
+
+def topk_encode(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    k: int,
+    *,
+    signed: bool = False,
+    aux_k: int = 0,
+    aux_candidates: Tensor | None = None,
+) -> TopKEncoding:
+    """Fused TopK encoder: ``pre_l = x_l W_enc[l] + b_enc[l]``, then top k per (token, layer).
+
+    Equals the unfused ``pre = einsum(x, W_enc) + b_enc; z = topk(pre)`` in value and in
+    every gradient (to ``x``, ``W_enc``, ``b_enc``; TopK passes gradient to the kept
+    pre-activations only), but never keeps a [B, L, F] tensor: ``pre`` lives one layer
+    at a time in the forward, and the backward rebuilds one layer's [B, F] gradient of
+    ``pre`` from the [B, L, k] gradient of the codes. See the module docstring.
+
+    Args:
+        x: Scaled inputs [B, L, d].
+        W_enc: Encoders [L, d, F].
+        b_enc: Encoder biases [L, F].
+        k: Latents kept per (token, layer).
+        signed: Rank ``|pre|`` and keep ``pre`` (Abs-TopK) instead of ranking and keeping
+            ``ReLU(pre)`` (ReLU-TopK).
+        aux_k: AuxK width: the top ``aux_k`` dead latents per (token, layer), ranked the
+            same way, are returned as well (clipped to the number of dead latents).
+        aux_candidates: [L, F] bool, latents that are dead after this batch unless they
+            fire in it (``tokens_since_fired + B >= dead_tokens``); a candidate is dead
+            when it does not fire. ``None`` (or ``aux_k = 0``): no AuxK codes.
+
+    Returns:
+        TopKEncoding(values, indices, aux_values, aux_indices, fired).
+    """
+    n_tokens, n_layers, d_model = x.shape
+    if tuple(W_enc.shape[:2]) != (n_layers, d_model) or W_enc.dim() != 3:
+        raise ValueError(
+            f"topk_encode: W_enc {tuple(W_enc.shape)} must be [L={n_layers}, d={d_model}, F]"
+        )
+    if tuple(b_enc.shape) != (n_layers, W_enc.shape[2]):
+        raise ValueError(f"topk_encode: b_enc {tuple(b_enc.shape)} must be [L, F]")
+    if not 1 <= k <= W_enc.shape[2]:
+        raise ValueError(f"topk_encode: k={k} must be in [1, F={W_enc.shape[2]}]")
+    if aux_k <= 0:
+        aux_candidates = None
+    return TopKEncoding(*_TopKEncode.apply(x, W_enc, b_enc, k, signed, aux_k, aux_candidates))
+
+
+def _select_layer(
+    pre: Tensor, k: int, signed: bool, aux_k: int, candidates: Tensor | None, fired: Tensor
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Top k (and AuxK) of one layer's pre [B, F]; marks ``fired`` [F] in place."""
+    score = pre.abs() if signed else torch.relu(pre)
+    kept = pre if signed else score
+    indices = score.topk(k, dim=-1, sorted=False).indices
+    values = kept.gather(-1, indices)
+    fired.index_fill_(0, indices[values != 0], True)
+    if candidates is None:
+        return values, indices, None, None
+    dead = candidates & ~fired
+    n_dead = int(dead.sum())
+    if n_dead == 0:
+        return values, indices, None, None
+    # Scores are >= 0, so -1 ranks every live latent below every dead one.
+    aux_indices = score.masked_fill(~dead, -1.0).topk(min(aux_k, n_dead), dim=-1, sorted=False)
+    aux_indices = aux_indices.indices
+    return values, indices, kept.gather(-1, aux_indices), aux_indices
+
+
+def _stack_padded(parts: list[Tensor | None], like: Tensor, dtype: torch.dtype) -> Tensor:
+    """Stack per-layer [B, w_l] tensors into [B, L, max w] (missing/short: zeros)."""
+    width = max((p.shape[1] for p in parts if p is not None), default=0)
+    out = torch.zeros(like.shape[0], len(parts), width, dtype=dtype, device=like.device)
+    for layer, part in enumerate(parts):
+        if part is not None:
+            out[:, layer, : part.shape[1]] = part
+    return out
+
+
+class _TopKEncode(torch.autograd.Function):
+    """Autograd for :func:`topk_encode` (forward layer by layer, sparse gradient of pre)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        W_enc: Tensor,
+        b_enc: Tensor,
+        k: int,
+        signed: bool,
+        aux_k: int,
+        candidates: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        n_layers, n_latents = b_enc.shape
+        fired = torch.zeros(n_layers, n_latents, dtype=torch.bool, device=x.device)
+        layers = []
+        for layer in range(n_layers):
+            pre = torch.addmm(b_enc[layer], x[:, layer], W_enc[layer])
+            cand = None if candidates is None else candidates[layer]
+            layers.append(_select_layer(pre, k, signed, aux_k, cand, fired[layer]))
+        values = torch.stack([part[0] for part in layers], dim=1)
+        indices = torch.stack([part[1] for part in layers], dim=1)
+        aux_values = _stack_padded([part[2] for part in layers], x, values.dtype)
+        aux_indices = _stack_padded([part[3] for part in layers], x, torch.int64)
+        widths = [0 if part[3] is None else part[3].shape[1] for part in layers]
+        # Padding slots (index 0, value 0) must pass no gradient, also for signed codes.
+        aux_valid = torch.arange(aux_values.shape[-1], device=x.device) < torch.tensor(
+            widths, device=x.device
+        ).unsqueeze(-1)
+        ctx.save_for_backward(x, W_enc, values, indices, aux_values, aux_indices, aux_valid)
+        ctx.signed = signed
+        ctx.mark_non_differentiable(indices, aux_indices, fired)
+        return values, indices, aux_values, aux_indices, fired
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_values: Tensor, _gi: Any, grad_aux: Tensor, _gai: Any, _gf: Any
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None, None]:
+        x, W_enc, values, indices, aux_values, aux_indices, aux_valid = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        dtype = W_enc.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            slots = torch.cat([indices, aux_indices], dim=-1)
+            grads = torch.cat(
+                [
+                    _kept_grad(grad_values, values, ctx.signed),
+                    _kept_grad(grad_aux, aux_values, ctx.signed) * aux_valid,
+                ],
+                dim=-1,
+            ).to(dtype)
+            n_tokens, n_layers, _ = x.shape
+            grad_x = torch.empty_like(x) if need_x else None
+            grad_w = GRAD_RECYCLER.empty_like(W_enc) if need_w else None
+            grad_b = W_enc.new_empty(n_layers, W_enc.shape[2]) if need_b else None
+            for layer in range(n_layers):
+                grad_pre = W_enc.new_zeros(n_tokens, W_enc.shape[2])
+                grad_pre.scatter_add_(1, slots[:, layer], grads[:, layer])
+                if grad_w is not None:
+                    torch.mm(x[:, layer].T.to(dtype), grad_pre, out=grad_w[layer])
+                if grad_b is not None:
+                    torch.sum(grad_pre, dim=0, out=grad_b[layer])
+                if grad_x is not None:
+                    grad_x[:, layer] = (grad_pre @ W_enc[layer].T).to(x.dtype)
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def _kept_grad(grad: Tensor, values: Tensor, signed: bool) -> Tensor:
+    """Gradient reaching pre through kept values: all of it (signed), or where ReLU > 0."""
+    return grad if signed else grad * (values > 0).to(grad.dtype)
 
 
 # --------------------------------------------------------------------------- Triton

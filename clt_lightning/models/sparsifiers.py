@@ -148,22 +148,26 @@ class LossContext:
     Everything is in the model's scaled space.
     """
 
-    pre: Tensor
-    """Pre-activations [B, L, F]."""
-    z: Tensor
-    """Latent activations [B, L, F] (what was decoded)."""
+    pre: Tensor | None
+    """Pre-activations [B, L, F]; None on the fused TopK training path (see `aux_codes`)."""
+    z: Tensor | None
+    """Latent activations [B, L, F] (what was decoded); None on the fused TopK path."""
     codes: SparseCodes | None
     """The sparse form of `z`, when the sparsifier produced one."""
     y_scaled: Tensor
     """Targets [B, L, d] in scaled space."""
     y_hat_scaled: Tensor
     """Reconstruction [B, L, d] in scaled space."""
-    decoder_norms: Tensor
-    """Norm of each latent's decoder over all its targets [L, F]."""
+    decoder_norms: Tensor | None
+    """Norm of each latent's decoder over all its targets [L, F]; None for sparsifiers
+    whose `needs_decoder_norms` is False (computing them reads the whole decoder)."""
     decode_fn: Callable[[SparseCodes], Tensor]
     """Decodes codes [B, L, k] into [B, L, d] through the CLT decoders, without b_dec."""
     progress: float
     """Fraction of training done, in [0, 1]."""
+    aux_codes: SparseCodes | None = None
+    """AuxK codes chosen by the fused TopK encoder (`sparse_decode.topk_encode`), which
+    keeps no `pre`; None elsewhere (TopK then picks them from `pre`)."""
 
 
 # --------------------------------------------------------------------------- registry
@@ -406,6 +410,8 @@ class Sparsifier(nn.Module):
     """Whether `config.k` applies (and must be <= F)."""
     codes_are_cheap: ClassVar[bool] = False
     """Whether SparseCodes come for free, so `auto` decoding should use them."""
+    needs_decoder_norms: ClassVar[bool] = False
+    """Whether `losses` reads `LossContext.decoder_norms` (JumpReLU's penalties do)."""
     sparse_grad_exact: ClassVar[bool] = True
     """Whether decoding the codes gives pre the same gradient as decoding dense z. False
     for JumpReLU: its threshold pseudo-derivative needs dLoss/dz at latents just below the
@@ -487,10 +493,19 @@ class Sparsifier(nn.Module):
     @torch.no_grad()
     def _update_statistics(self, z: Tensor) -> None:
         """Count tokens since each latent fired, from activations z [B, L, F]."""
-        n = z.shape[0]
-        fired = (z != 0).any(dim=0)
-        self.tokens_since_fired.add_(n).masked_fill_(fired, 0)
-        self.n_tokens_seen.add_(n)
+        self.record_fired((z != 0).any(dim=0), z.shape[0])
+
+    @torch.no_grad()
+    def record_fired(self, fired: Tensor, n_tokens: int) -> None:
+        """Update the dead-latent statistics after a training batch.
+
+        Args:
+            fired: [L, F] bool, latents non-zero for at least one token of the batch.
+            n_tokens: Tokens in the batch.
+        """
+        fired, n_tokens = _across_ranks(fired, n_tokens)
+        self.tokens_since_fired.add_(n_tokens).masked_fill_(fired, 0)
+        self.n_tokens_seen.add_(n_tokens)
 
     def dead_mask(self) -> Tensor:
         """Latents that did not fire in the last `dead_tokens` training tokens, [L, F] bool."""
@@ -545,6 +560,19 @@ class _TopKBase(Sparsifier):
         """AuxK loss under the key `auxk` (zero when no latent is dead)."""
         return {"auxk": self.auxk_loss(ctx)}
 
+    def aux_candidates(self, n_tokens: int) -> Tensor | None:
+        """Latents dead after a batch of `n_tokens` unless they fire in it, [L, F] bool.
+
+        None when AuxK is off (aux_coeff = 0) or no latent can be dead after the batch.
+        The fused TopK encoder ANDs this with "did not fire" to get exactly the dead mask
+        that `dead_mask()` gives after `record_fired` (it needs it before, to pick the
+        AuxK codes while the layer's pre-activations are at hand).
+        """
+        if self.config.aux_coeff == 0:
+            return None
+        candidates = self.tokens_since_fired + n_tokens >= self.config.dead_tokens
+        return candidates if bool(candidates.any()) else None
+
     def aux_codes(self, pre: Tensor, dead: Tensor) -> SparseCodes:
         """Top `aux_k` dead latents per (token, layer), with this sparsifier's sign rule.
 
@@ -577,10 +605,15 @@ class _TopKBase(Sparsifier):
         Returns:
             Scalar (at least float32); 0 when no latent is dead or aux_coeff is 0.
         """
-        dead = self.dead_mask()
-        if self.config.aux_coeff == 0 or not bool(dead.any()):
-            return _wide(ctx.pre.new_zeros(()))
-        codes = self.aux_codes(ctx.pre, dead)
+        if ctx.pre is None:  # fused TopK path: the encoder already picked the AuxK codes
+            codes = ctx.aux_codes
+            if self.config.aux_coeff == 0 or codes is None or codes.values.shape[-1] == 0:
+                return _wide(ctx.y_hat_scaled.new_zeros(()))
+        else:
+            dead = self.dead_mask()
+            if self.config.aux_coeff == 0 or not bool(dead.any()):
+                return _wide(ctx.pre.new_zeros(()))
+            codes = self.aux_codes(ctx.pre, dead)
         residual = (ctx.y_scaled - ctx.y_hat_scaled).detach()
         aux_recon = ctx.decode_fn(codes)
         return self.config.aux_coeff * normalised_aux_error(aux_recon, residual)
@@ -692,6 +725,7 @@ class JumpReLU(Sparsifier):
     """
 
     sparse_grad_exact = False
+    needs_decoder_norms = True
 
     def __init__(self, config: SparsifierConfig, n_layers: int, n_latents: int) -> None:
         super().__init__(config, n_layers, n_latents)
@@ -738,3 +772,13 @@ class JumpReLU(Sparsifier):
         gap = torch.relu(self.threshold.detach() - ctx.pre)
         weighted = gap * ctx.decoder_norms.detach().to(gap.dtype)
         return self.config.preact_coeff * _wide(weighted).sum(dim=(1, 2)).mean()
+
+
+def _across_ranks(fired: Tensor, n_tokens: int) -> tuple[Tensor, int]:
+    """Under DDP: fired on any rank, and the tokens of every rank (one small all-reduce)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return fired, n_tokens
+    packed = torch.cat([fired.flatten().to(torch.int64), fired.new_tensor([n_tokens], dtype=torch.int64)])
+    dist.all_reduce(packed)  # sum: fired count per latent, and the total tokens
+    return packed[:-1].view_as(fired) > 0, int(packed[-1])

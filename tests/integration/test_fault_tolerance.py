@@ -16,7 +16,6 @@ docs/reliability.md); `test_mid_epoch_resume_replays_the_exact_batches` pins thi
 from __future__ import annotations
 
 import errno
-import inspect
 import json
 import signal
 from pathlib import Path
@@ -24,7 +23,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from clt_lightning.data.datamodule import ActivationDataModule, EpochDataLoader
 from tests.integration.tiny_run import (
     DELETE,
     N_IMAGES,
@@ -40,10 +38,6 @@ from tests.integration.tiny_run import (
 
 STEPS_PER_EPOCH = N_IMAGES * 17 // 34  # 8
 KILLS: list[str] = []  # kill points survived in this session (printed for reliability.md)
-EPOCH_ORDER_RESUMES = "epoch_progress" in inspect.getsource(ActivationDataModule)
-"""Whether the datamodule takes the epoch from Lightning's progress (the datamodule patch
-in docs/reliability.md): until then a run resumed from an epoch-end checkpoint replays the
-finished epoch's data order in the next epoch, and its weights differ."""
 
 
 @pytest.fixture(autouse=True)
@@ -61,11 +55,6 @@ def fit(config: Path, *extra: str) -> None:
 
 
 def assert_same_weights(a: dict, b: dict, resumed: bool = False) -> None:
-    if resumed and not EPOCH_ORDER_RESUMES:
-        pytest.xfail(
-            "ActivationDataModule._current_epoch uses trainer.current_epoch (see "
-            "docs/reliability.md): the resumed epoch replays the previous order"
-        )
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), f"{name} differs"
@@ -188,6 +177,45 @@ def test_disk_full_while_caching_then_resume(tiny_cache, tmp_path, monkeypatch):
     assert _cache_files(cache_dir) == _cache_files(tiny_cache)
 
 
+def test_disk_full_while_writing_a_retrieval_index(tiny_cache, reference, tmp_path, monkeypatch):
+    """ENOSPC while FAISS writes the second per-layer index: exit 2 with one line, no
+    manifest (the index folder never looks complete), and the rerun rebuilds it and gives
+    the neighbours of an unbroken run."""
+    import clt_lightning.evaluation.retrieval as retrieval
+
+    config = write_config(tmp_path / "run.yaml", tiny_cache, tmp_path / "run")
+
+    def args(out: Path) -> list[str]:
+        return ["retrieve", "--config", str(config), "--ckpt_path", str(last_ckpt(reference)),
+                "--retrieval.output_dir", str(out), "--retrieval.query_index", "1"]  # fmt: skip
+
+    real, calls = retrieval.faiss.write_index, []
+
+    def write_index(index, path):
+        calls.append(path)
+        if len(calls) == 2:
+            Path(path).write_bytes(b"\0" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        real(index, path)
+
+    broken, whole = tmp_path / "broken", tmp_path / "whole"
+    monkeypatch.setattr(retrieval.faiss, "write_index", write_index)
+    code, err = quiet_cli(args(broken))
+    monkeypatch.undo()
+    assert code == 2 and "Traceback" not in err
+    assert "clt: error: no space left on the device" in err and ".faiss.partial" in err
+    assert not (broken / "index_cls" / "manifest.json").exists()
+    KILLS.append("retrieve: disk full while writing a FAISS index")
+    for out in (broken, whole):
+        code, err = quiet_cli(args(out))
+        assert code == 0, err[-3000:]
+    name = "retrieval_val00001_cls.json"
+    results = [json.loads((out / name).read_text()) for out in (broken, whole)]
+    for result in results:
+        result.pop("index_dir")
+    assert results[0] == results[1]
+
+
 def test_same_seed_same_metrics(tiny_cache, tmp_path):
     """`clt fit` twice on the tiny config (default loggers: CSV + W&B offline): identical
     val/* values in metrics.csv and identical weights."""
@@ -287,12 +315,6 @@ def test_sigkill_mid_checkpoint_write_leaves_the_previous_file(tiny_cache, tmp_p
 
 @pytest.mark.slow
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
-@pytest.mark.xfail(
-    not hasattr(EpochDataLoader, "state_dict"),
-    reason="the train loader is not stateful: Lightning restarts the epoch's data "
-    "(see docs/reliability.md for the proposed EpochDataLoader.state_dict)",
-    strict=True,
-)
 def test_mid_epoch_resume_replays_the_exact_batches(tiny_cache, reference, tmp_path):
     """Step checkpoints every 3 steps, killed before batch 6 of epoch 1 (last.ckpt at step
     12, mid-epoch): the resumed run should equal the uninterrupted one."""
@@ -338,3 +360,74 @@ def test_report_kills(request):
     print(f"\nkills survived in this session: {len(KILLS)}")
     for kill_point in KILLS:
         print(f"  - {kill_point}")
+
+
+def _tree(folder: Path, suffixes: tuple[str, ...] = (".json", ".csv", ".md")) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.suffix in suffixes
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_sigkill_clt_evaluate_then_rerun(tiny_cache, reference, tmp_path):
+    """`clt evaluate` killed after its first result file: no run.json (the completion
+    marker) and no temp file pretending to be a result; the rerun writes exactly what an
+    uninterrupted evaluation writes."""
+    config = write_config(tmp_path / "run.yaml", tiny_cache, tmp_path / "run")
+    common = ["--ckpt_path", str(last_ckpt(reference)), "--evaluation.n_images", "4",
+              "--evaluation.figures", "false",
+              "--evaluation.classifier_cache", str(tmp_path / "classifiers")]  # fmt: skip
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    marker, log = tmp_path / "paused", tmp_path / "child.log"
+    args = ["evaluate", "--config", str(config), *common, "--evaluation.output_dir", str(killed)]
+    child = spawn_clt(args, log, pause="evaluate_after_1_file", marker=marker)
+    try:
+        wait_for(marker.exists, child, log)
+    finally:
+        assert kill(child) == -signal.SIGKILL
+    assert list(killed.glob("*.json")) and not (killed / "run.json").exists()
+    assert not [p for p in killed.iterdir() if p.name.startswith(".")]  # no temp files
+    code, err = quiet_cli([*args])
+    assert code == 0, err[-3000:]
+    code, err = quiet_cli([*args[:-1], str(whole)])
+    assert code == 0, err[-3000:]
+    assert (killed / "run.json").exists()
+    assert _tree(killed) == _tree(whole)
+    KILLS.append("evaluate: SIGKILL after the first result file")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_sigkill_clt_retrieve_then_rerun(tiny_cache, reference, tmp_path):
+    """`clt retrieve` killed after writing its first per-layer index: the index folder has
+    no manifest (so it is never used as complete) and the rerun rebuilds it and returns the
+    neighbours of an uninterrupted run."""
+    config = write_config(tmp_path / "run.yaml", tiny_cache, tmp_path / "run")
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    marker, log = tmp_path / "paused", tmp_path / "child.log"
+
+    def args(out: Path) -> list[str]:
+        return ["retrieve", "--config", str(config), "--ckpt_path", str(last_ckpt(reference)),
+                "--retrieval.output_dir", str(out), "--retrieval.query_index", "1"]  # fmt: skip
+
+    child = spawn_clt(args(killed), log, pause="retrieve_after_1_index", marker=marker)
+    try:
+        wait_for(marker.exists, child, log)
+    finally:
+        assert kill(child) == -signal.SIGKILL
+    index_dir = killed / "index_cls"
+    assert any(index_dir.iterdir()) and not (index_dir / "manifest.json").exists()
+    for out in (killed, whole):
+        code, err = quiet_cli(args(out))
+        assert code == 0, err[-3000:]
+    assert (index_dir / "manifest.json").exists()
+    name = "retrieval_val00001_cls.json"
+    results = [json.loads((out / name).read_text()) for out in (killed, whole)]
+    for result in results:
+        result.pop("index_dir")  # the only field that names the output folder
+    assert results[0] == results[1]
+    assert results[0]["layers"]  # neighbours for every layer
+    KILLS.append("retrieve: SIGKILL after the first per-layer index file")

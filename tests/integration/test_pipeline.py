@@ -62,8 +62,12 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
     run = {
         "seed_everything": 0,
-        "model": {"n_latents": 64, "lr": 3e-3, "warmup_steps": 2,
-                  "sparsifier": {"name": "abs_topk", "k": 8}},
+        "model": {
+            "n_latents": 64,
+            "lr": 3e-3,
+            "warmup_steps": 2,
+            "sparsifier": {"name": "abs_topk", "k": 8},
+        },
         "data": {
             "teacher": {"model_config": str(FIXTURES / "tiny-vit.json"), "weights": str(weights)},
             "dataset": {"name": "imagefolder", "root": str(root / "images")},
@@ -71,14 +75,21 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "batch_size": 51,
             "images_per_shard": 4,
         },
-        "trainer": {"default_root_dir": str(root / "run"), "max_epochs": 2, "accelerator": "cpu",
-                    "enable_progress_bar": False, "log_every_n_steps": 1},
+        "trainer": {
+            "default_root_dir": str(root / "run"),
+            "max_epochs": 2,
+            "accelerator": "cpu",
+            "enable_progress_bar": False,
+            "log_every_n_steps": 1,
+        },
     }
     (root / "run.yaml").write_text(yaml.safe_dump(run))
     return {"root": root, "config": root / "run.yaml", "weights": weights, "run": root / "run"}
 
 
-def _open_clip_activations(weights: Path, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _open_clip_activations(
+    weights: Path, images: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x (ln_2 output) and y (mlp output) [N, T, L, d] from open_clip's own modules via hooks."""
     config = json.loads((FIXTURES / "tiny-vit.json").read_text())
     model = open_clip.CLIP(**config).eval()
@@ -105,10 +116,16 @@ def test_cache_matches_open_clip_modules(workspace: dict[str, Path]) -> None:
     from clt_lightning.data.datasets import DatasetConfig, build_dataset
     from clt_lightning.teacher import Teacher, TeacherConfig
 
-    teacher = Teacher(TeacherConfig(model_config=str(FIXTURES / "tiny-vit.json"),
-                                    weights=str(workspace["weights"])))
-    dataset = build_dataset(DatasetConfig(name="imagefolder", root=str(workspace["root"] / "images")),
-                            "train", teacher.preprocess)
+    teacher = Teacher(
+        TeacherConfig(
+            model_config=str(FIXTURES / "tiny-vit.json"), weights=str(workspace["weights"])
+        )
+    )
+    dataset = build_dataset(
+        DatasetConfig(name="imagefolder", root=str(workspace["root"] / "images")),
+        "train",
+        teacher.preprocess,
+    )
     ids = shard["image_id"].tolist()
     images = torch.stack([dataset[i][0] for i in ids])
     x_ref, y_ref = _open_clip_activations(workspace["weights"], images)
@@ -134,9 +151,19 @@ def test_evaluate_writes_tables_and_figures(workspace: dict[str, Path]) -> None:
     ckpt = workspace["run"] / "checkpoints" / "last.ckpt"
     assert main(["evaluate", "--config", str(workspace["config"]), "--ckpt_path", str(ckpt)]) == 0
     out = workspace["run"] / "evaluation"
-    for name in ("run.json", "cascade.json", "faithfulness.json", "contributions.json",
-                 "ablations.json", "reconstruction.json", "cascade.png", "contributions.png",
-                 "reconstruction.png", "cascade_top1.md", "faithfulness.md"):
+    for name in (
+        "run.json",
+        "cascade.json",
+        "faithfulness.json",
+        "contributions.json",
+        "ablations.json",
+        "reconstruction.json",
+        "cascade.png",
+        "contributions.png",
+        "reconstruction.png",
+        "cascade_top1.md",
+        "faithfulness.md",
+    ):
         assert (out / name).is_file(), name
     contributions = json.loads((out / "contributions.json").read_text())
     for group in ("cls", "patches"):
@@ -150,8 +177,20 @@ def test_evaluate_writes_tables_and_figures(workspace: dict[str, Path]) -> None:
 def test_export_round_trip_on_raw_activations(workspace: dict[str, Path]) -> None:
     ckpt = workspace["run"] / "checkpoints" / "last.ckpt"
     out = workspace["root"] / "exported"
-    assert main(["export", "--config", str(workspace["config"]), "--ckpt_path", str(ckpt),
-                 "--output_dir", str(out)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--config",
+                str(workspace["config"]),
+                "--ckpt_path",
+                str(ckpt),
+                "--output_dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     from clt_lightning.commands import load_clt
 
     original = load_clt(ckpt)
@@ -163,8 +202,22 @@ def test_export_round_trip_on_raw_activations(workspace: dict[str, Path]) -> Non
 
 def test_retrieve_writes_grid_and_neighbours(workspace: dict[str, Path]) -> None:
     ckpt = workspace["run"] / "checkpoints" / "last.ckpt"
-    assert main(["retrieve", "--config", str(workspace["config"]), "--ckpt_path", str(ckpt),
-                 "--retrieval.query_index", "2", "--retrieval.k", "2"]) == 0
+    assert (
+        main(
+            [
+                "retrieve",
+                "--config",
+                str(workspace["config"]),
+                "--ckpt_path",
+                str(ckpt),
+                "--retrieval.query_index",
+                "2",
+                "--retrieval.k",
+                "2",
+            ]
+        )
+        == 0
+    )
     folder = workspace["run"] / "retrieval"
     grids = list(folder.glob("retrieval_*.png"))
     assert grids and Image.open(grids[0]).size[0] > 300

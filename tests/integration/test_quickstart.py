@@ -19,8 +19,14 @@ from experiments import quickstart
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _check_outputs(runs: Path, report: Path, sparsifiers: list[str], min_teacher: float,
-                   teacher_dir: Path, max_drop: float) -> None:
+def _check_outputs(
+    runs: Path,
+    report: Path,
+    sparsifiers: list[str],
+    min_teacher: float,
+    teacher_dir: Path,
+    max_drop: float,
+) -> None:
     record = json.loads((teacher_dir / "teacher.json").read_text())
     assert record["val_zero_shot_accuracy"] >= min_teacher  # chance is 0.10
     for sparsifier in sparsifiers:
@@ -28,17 +34,29 @@ def _check_outputs(runs: Path, report: Path, sparsifiers: list[str], min_teacher
         cascade = json.loads((evaluation / "cascade.json").read_text())
         cls = cascade["modes"]["cls"]
         last = cls["top1"][cls["starts"].index(cascade["n_layers"] - 1)]
-        assert last >= cascade["baseline"]["top1"] - max_drop, (sparsifier, last, cascade["baseline"])
+        assert last >= cascade["baseline"]["top1"] - max_drop, (
+            sparsifier,
+            last,
+            cascade["baseline"],
+        )
         scores = json.loads((evaluation / "contributions.json").read_text())
         for group in ("cls", "patches"):
-            np.testing.assert_allclose(np.nansum(np.array(scores[group], float), axis=0), 1.0, atol=1e-6)
+            np.testing.assert_allclose(
+                np.nansum(np.array(scores[group], float), axis=0), 1.0, atol=1e-6
+            )
     text = report.read_text()
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert len(images) >= 1 + 2 * len(sparsifiers) + 1  # curves, cascade+heatmap per run, grids
     for image in images:
         assert (report.parent / image).is_file(), image
-    for heading in ("Cascaded replacement", "Faithfulness", "Contribution scores",
-                    "Necessity and sufficiency", "Layer-wise retrieval", "Reconstruction"):
+    for heading in (
+        "Cascaded replacement",
+        "Faithfulness",
+        "Contribution scores",
+        "Necessity and sufficiency",
+        "Layer-wise retrieval",
+        "Reconstruction",
+    ):
         assert heading in text
 
 
@@ -46,12 +64,28 @@ def test_quickstart_reduced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.chdir(REPO)  # configs/ are read from the repository
     teacher_dir, runs, out = tmp_path / "teacher", tmp_path / "runs", tmp_path / "report"
     sparsifiers = ["relu_topk", "jumprelu"]
-    code = quickstart.main([
-        "--teacher-dir", str(teacher_dir), "--teacher-epochs", "12",
-        "--min-teacher-accuracy", "0.5", "--cache-dir", str(tmp_path / "cache"),
-        "--runs", str(runs), "--out", str(out), "--sparsifiers", ",".join(sparsifiers),
-        "--max-epochs", "2", "--n-images", "120",
-    ])
+    code = quickstart.main(
+        [
+            "--teacher-dir",
+            str(teacher_dir),
+            "--teacher-epochs",
+            "12",
+            "--min-teacher-accuracy",
+            "0.5",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--runs",
+            str(runs),
+            "--out",
+            str(out),
+            "--sparsifiers",
+            ",".join(sparsifiers),
+            "--max-epochs",
+            "2",
+            "--n-images",
+            "120",
+        ]
+    )
     assert code == 0
     _check_outputs(runs, out / "report.md", sparsifiers, 0.5, teacher_dir, max_drop=5.0)
 
@@ -60,10 +94,19 @@ def test_quickstart_reduced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 def test_quickstart_full(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)
     teacher_dir, runs, out = tmp_path / "teacher", tmp_path / "runs", tmp_path / "report"
-    code = quickstart.main([
-        "--teacher-dir", str(teacher_dir), "--cache-dir", str(tmp_path / "cache"),
-        "--runs", str(runs), "--out", str(out),
-    ])
+    code = quickstart.main(
+        [
+            "--teacher-dir",
+            str(teacher_dir),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--runs",
+            str(runs),
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
-    _check_outputs(runs, out / "report.md", list(quickstart.SPARSIFIERS), 0.9, teacher_dir,
-                   max_drop=2.0)
+    _check_outputs(
+        runs, out / "report.md", list(quickstart.SPARSIFIERS), 0.9, teacher_dir, max_drop=2.0
+    )

@@ -114,8 +114,15 @@ def quiet_cli(args: list[str]) -> tuple[int, str]:
     return code, err.getvalue()
 
 
+_LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK",
+                     "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "PL_GLOBAL_SEED", "PL_TRAINER_GPUS")  # fmt: skip
+
+
 def child_env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    """The environment of a child `clt`: offline, one thread, and no launcher variables
+    left over from an in-process run (a child would take them for its own rank)."""
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARIABLES}
+    env.update(HF_HUB_OFFLINE="1", WANDB_MODE="offline", WANDB_SILENT="true")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.setdefault("OMP_NUM_THREADS", "1")
     env.update(extra)
