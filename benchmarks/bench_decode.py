@@ -8,7 +8,10 @@ the fastest dense formulation, not one per (source, target) pair.
 
 Shapes: the full run uses the paper's (L=12, d=768, F=12,288, k=128) with B=64 tokens
 on a CPU and B=4096 on CUDA; ``quick`` is a smoke run at a tiny shape (L=4, d=64, F=1024,
-k=32, B=16), so ``make bench-quick`` stays fast and light.
+k=32, B=16), so ``make bench-quick`` stays fast and light. One thread, as in the other
+benchmarks (on the shared 2-core machines two threads spin-wait badly under load, and the
+sparse backward's many small ops suffer most); variants are interleaved, one warm-up step
+each, then three rounds; medians.
 
 Memory (``peak_mem_bytes``): bytes allocated during one step, at their peak, excluding
 what existed before it (parameters, codes). On CUDA: ``torch.cuda.max_memory_allocated``
@@ -17,7 +20,11 @@ minus the allocation at the start. On CPU: the peak of the ``Total Allocated`` c
 the step allocates through PyTorch's CPU allocator; scratch memory that MKL/oneDNN
 allocate for themselves is not seen. The memory run is separate from the timed runs
 (the profiler slows ops down). Both include the dense ``W_dec`` gradient
-(``weight_grad_bytes``, the same for every variant), which dominates at the paper shape.
+(``weight_grad_bytes``, the same for every variant), which dominates at the paper shape:
+the embedding-bag backend takes it from ``sparse_decode.GRAD_RECYCLER``, which reuses it
+from step to step (its timed steps do), but the recycler is emptied before the memory
+step so that the gradient counts there as it does for the other variants. The recycler
+is also emptied before each variant, so no variant holds another's buffers.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from clt_lightning.models.sparse_decode import _triton_available, sparse_decode
+from clt_lightning.models.sparse_decode import GRAD_RECYCLER, _triton_available, sparse_decode
 
 PAPER_SHAPE = {"n_layers": 12, "d_model": 768, "n_latents": 12_288, "k": 128}
 QUICK_SHAPE = {"n_layers": 4, "d_model": 64, "n_latents": 1024, "k": 32}
@@ -51,6 +58,16 @@ def run(quick: bool = False) -> list[dict]:
         ``peak_mem_beyond_weight_grad_bytes``, ``seconds_per_step``, ``weight_grad_bytes``,
         ``threads``, ``batch_size``, ``device``, ``dtype`` and ``shape``.
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(quick)
+    finally:
+        torch.set_num_threads(threads)
+        GRAD_RECYCLER.clear()
+
+
+def _run(quick: bool) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shape = QUICK_SHAPE if quick else PAPER_SHAPE
     batch = 16 if quick else (4096 if device.type == "cuda" else 64)
@@ -72,9 +89,11 @@ def run(quick: bool = False) -> list[dict]:
             values, indices, W_dec, b_dec, grad_out, "triton"
         )
     weight_grad_bytes = sum(w.numel() * w.element_size() for w in W_dec)
+    times = _interleaved_times(variants, repeats, device)
     rows = []
     for name, step in variants.items():
-        seconds = _time_step(step, repeats, device)
+        seconds = statistics.median(times[name])
+        GRAD_RECYCLER.clear()
         peak = _peak_memory(step, device)
         rows.append(
             {
@@ -147,17 +166,21 @@ def _sparse_step(
     return torch.autograd.grad(y, [values, *W_dec, b_dec], grad_out)
 
 
-def _time_step(step: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Median seconds per step after one warm-up step."""
-    step()
-    times = []
-    for _ in range(repeats):
-        _synchronize(device)
-        start = time.perf_counter()
+def _interleaved_times(
+    variants: dict[str, Callable[[], object]], repeats: int, device: torch.device
+) -> dict[str, list[float]]:
+    """Seconds of each step, variants interleaved, after one warm-up step of each."""
+    for step in variants.values():
         step()
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, step in variants.items():
+            _synchronize(device)
+            start = time.perf_counter()
+            step()
+            _synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def _peak_memory(step: Callable[[], object], device: torch.device) -> int:

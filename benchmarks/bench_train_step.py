@@ -28,18 +28,8 @@ Losses: before timing each sparsifier, the training forward and loss are compute
 each mode at the same weights; ``loss_rel_diff`` = |sparse - dense| / |dense|
 (float tolerance: 1e-5).
 
-Memory (``peak_*``; one extra, untimed step per mode for the two TopK targets): the peak
-of the bytes allocated during the step through PyTorch's CPU allocator (``torch.profiler``
-memory events, as in ``bench_decode``), plus what already existed at the start of the
-step. ``static_bytes`` = parameters + gradients + the two AdamW moments (4 x 4 bytes per
-parameter, 13.59 GB at the paper shape), identical in both modes.
-``peak_total_bytes`` = parameters + AdamW moments + the gradient buffers the sparse path
-keeps between steps (`sparse_decode.GRAD_RECYCLER`, sparse mode only; they are released
-before every dense step, so the dense step is measured as in a dense-only run) + the
-step's peak of new allocations. ``peak_activation_bytes`` = ``peak_total_bytes`` -
-``static_bytes``: what the step needs beyond the parameters, gradients and optimizer
-states (activations, their gradients, temporaries). Scratch memory that MKL/oneDNN
-allocate for themselves is not seen.
+Peak memory of the same step is measured by ``benchmarks/bench_memory.py`` (separately,
+because the profiler slows the step down), with the helpers of this module.
 """
 
 from __future__ import annotations
@@ -78,8 +68,8 @@ def run(quick: bool = False) -> list[dict]:
     Returns:
         Two rows per sparsifier (``train_step_{name}_{dense|sparse}``) with tokens_per_s,
         seconds_per_step (median), seconds_all, ratio_vs_dense, loss, loss_rel_diff,
-        losses_equal, the memory fields described in the module docstring (TopK targets),
-        fused_encoder, and the settings (batch_size, shape, dtype, threads, optimizer).
+        losses_equal, fused_encoder, and the settings (batch_size, shape, dtype, threads,
+        optimizer, param_count).
     """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -91,6 +81,19 @@ def run(quick: bool = False) -> list[dict]:
 
 
 def _run(quick: bool) -> list[dict]:
+    module, optimizer, batch = setup(quick)
+    rows = []
+    for name in SPARSIFIERS:
+        optimizer = use_sparsifier(module, optimizer, SparsifierConfig(name, k=_k(module)))
+        rows += _measure(module, optimizer, batch, name, 1 if quick else REPEATS[name])
+    return [{**row, **settings(module, optimizer, batch)} for row in rows]
+
+
+def setup(quick: bool) -> tuple[CLTModule, torch.optim.Optimizer, dict[str, Tensor]]:
+    """The module (ReLU-TopK, training mode), its optimizer after one step, and a batch.
+
+    The step allocates the AdamW moments, which are then reused by every sparsifier.
+    """
     shape = QUICK_SHAPE if quick else PAPER_SHAPE
     batch_size = QUICK_BATCH if quick else BATCH
     torch.manual_seed(0)
@@ -108,23 +111,33 @@ def _run(quick: bool) -> list[dict]:
         key: torch.randn(batch_size, shape["n_layers"], shape["d_model"], generator=generator)
         for key in ("x", "y")
     }
-    _step(module, optimizer, batch, "sparse")  # allocates the AdamW moments once
-    rows = []
-    for name in SPARSIFIERS:
-        optimizer = _use_sparsifier(module, optimizer, SparsifierConfig(name, k=shape["k"]))
-        rows += _measure(module, optimizer, batch, name, 1 if quick else REPEATS[name], quick)
-    settings = {
-        "batch_size": batch_size,
-        "shape": dict(shape),
-        "dtype": "float32",
+    set_mode(module, "sparse")
+    step(module, optimizer, batch)
+    return module, optimizer, batch
+
+
+def settings(
+    module: CLTModule, optimizer: torch.optim.Optimizer, batch: dict[str, Tensor]
+) -> dict[str, Any]:
+    """The settings every row carries."""
+    clt = module.clt
+    fused = bool(optimizer.param_groups[0].get("fused"))
+    return {
+        "batch_size": batch["x"].shape[0],
+        "shape": {"n_layers": clt.n_layers, "d_model": clt.d_model, "n_latents": clt.n_latents}
+        | {"k": _k(module)},
+        "dtype": str(clt.W_enc.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
-        "optimizer": type(optimizer).__name__ + (" (fused)" if _is_fused(optimizer) else ""),
-        "param_count": module.clt.param_count(),
+        "optimizer": type(optimizer).__name__ + (" (fused)" if fused else ""),
+        "param_count": clt.param_count(),
     }
-    return [{**row, **settings} for row in rows]
 
 
-def _use_sparsifier(
+def _k(module: CLTModule) -> int:
+    return module.clt.sparsifier_config.k
+
+
+def use_sparsifier(
     module: CLTModule, optimizer: torch.optim.Optimizer, config: SparsifierConfig
 ) -> torch.optim.Optimizer:
     """Swap the CLT's sparsifier in place; keep the weights and the AdamW moments."""
@@ -145,22 +158,21 @@ def _measure(
     batch: dict[str, Tensor],
     name: str,
     repeats: int,
-    quick: bool,
 ) -> list[dict]:
-    """Loss check, interleaved timed steps and (TopK targets) memory for one sparsifier."""
-    losses = {mode: _forward_loss(module, batch, mode) for mode in ("dense", "sparse")}
-    fused = {}
+    """Loss check and interleaved timed steps for one sparsifier."""
+    losses, fused = {}, {}
     for mode in ("dense", "sparse"):
-        module.clt.decode_mode = mode
-        fused[mode] = _fused(module)
+        set_mode(module, mode)
+        losses[mode] = _forward_loss(module, batch)
+        fused[mode] = fused_path(module)
     times: dict[str, list[float]] = {"dense": [], "sparse": []}
     order = [("dense", "sparse"), ("sparse", "dense")]
     for repeat in range(repeats):
         for mode in order[repeat % 2]:
-            times[mode].append(_timed_step(module, optimizer, batch, mode))
-    memory = {}
-    if name in TARGETED or quick:
-        memory = {mode: _memory(module, optimizer, batch, mode) for mode in ("dense", "sparse")}
+            set_mode(module, mode)
+            start = time.perf_counter()
+            step(module, optimizer, batch)
+            times[mode].append(time.perf_counter() - start)
     rows = []
     for mode in ("dense", "sparse"):
         seconds = statistics.median(times[mode])
@@ -174,7 +186,6 @@ def _measure(
                 "seconds_all": [round(t, 3) for t in times[mode]],
                 "loss": losses[mode],
                 "fused_encoder": fused[mode],
-                **memory.get(mode, {}),
             }
         )
     dense, sparse = rows
@@ -183,13 +194,10 @@ def _measure(
     diff = abs(losses["sparse"] - losses["dense"]) / max(abs(losses["dense"]), 1e-30)
     sparse["loss_rel_diff"] = diff
     sparse["losses_equal"] = diff <= LOSS_RTOL
-    if memory:
-        for key in ("peak_total_bytes", "peak_activation_bytes"):
-            sparse[f"{key}_ratio_vs_dense"] = sparse[key] / dense[key]
     return rows
 
 
-def _set_mode(module: CLTModule, mode: str) -> None:
+def set_mode(module: CLTModule, mode: str) -> None:
     """Select the decode mode and hold exactly the gradient buffers that mode recycles.
 
     A sparse-only training run keeps them from step to step (see `GradientRecycler`); a
@@ -201,82 +209,43 @@ def _set_mode(module: CLTModule, mode: str) -> None:
     recycled = []
     if mode == "sparse" and clt.sparsifier.sparse_grad_exact:  # decodes sparsely
         recycled += list(clt.W_dec)
-    if _fused(module):
+    if fused_path(module):
         recycled.append(clt.W_enc)
     GRAD_RECYCLER.reserve(recycled)
 
 
-def _fused(module: CLTModule) -> bool:
+def fused_path(module: CLTModule) -> bool:
     """Whether a training step in the current mode takes the fused TopK encoder."""
     with torch.enable_grad():
         return module.clt._fused_topk_applies()
 
 
-def _forward_loss(module: CLTModule, batch: dict[str, Tensor], mode: str) -> float:
+def _forward_loss(module: CLTModule, batch: dict[str, Tensor]) -> float:
     """The training-mode loss of one forward (the graph is dropped, no update)."""
-    _set_mode(module, mode)
     loss, _, _ = module.compute_loss(batch)
     return float(loss.detach())
 
 
-def _step(
-    module: CLTModule, optimizer: torch.optim.Optimizer, batch: dict[str, Tensor], mode: str
-) -> None:
+def step(module: CLTModule, optimizer: torch.optim.Optimizer, batch: dict[str, Tensor]) -> None:
     """compute_loss, backward, optimizer step, zero_grad(set_to_none=True)."""
-    module.clt.decode_mode = mode
     loss, _, _ = module.compute_loss(batch)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
 
-def _timed_step(
-    module: CLTModule, optimizer: torch.optim.Optimizer, batch: dict[str, Tensor], mode: str
-) -> float:
-    _set_mode(module, mode)
-    start = time.perf_counter()
-    _step(module, optimizer, batch, mode)
-    return time.perf_counter() - start
-
-
-def _memory(
-    module: CLTModule, optimizer: torch.optim.Optimizer, batch: dict[str, Tensor], mode: str
-) -> dict[str, Any]:
-    """Peak memory of one step (see the module docstring for the definitions)."""
-    _set_mode(module, mode)
-    param_bytes = sum(p.nbytes for p in module.clt.parameters())
-    state_bytes = sum(
-        t.nbytes for state in optimizer.state.values() for t in state.values() if t.dim() > 0
-    )
-    at_start = param_bytes + state_bytes + GRAD_RECYCLER.nbytes()
-    peak_new = _peak_new_bytes(lambda: _step(module, optimizer, batch, mode))
-    static = 2 * param_bytes + state_bytes
-    total = at_start + peak_new
-    return {
-        "peak_total_bytes": total,
-        "peak_activation_bytes": total - static,
-        "peak_new_bytes": peak_new,
-        "static_bytes": static,
-        "recycled_grad_bytes": GRAD_RECYCLER.nbytes(),
-    }
-
-
-def _peak_new_bytes(step: Callable[[], object]) -> int:
-    """Peak of the bytes allocated during ``step`` and not yet freed (CPU allocator)."""
+def peak_new_bytes(fn: Callable[[], object]) -> int:
+    """Peak of the bytes allocated during ``fn`` and not yet freed (CPU allocator)."""
     with torch.profiler.profile(
         activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
     ) as profiler:
-        step()
+        fn()
     with tempfile.TemporaryDirectory() as folder:
         trace_path = Path(folder) / "trace.json"
         profiler.export_chrome_trace(str(trace_path))
         events = json.loads(trace_path.read_text())["traceEvents"]
     totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
     return max(totals, default=0)
-
-
-def _is_fused(optimizer: torch.optim.Optimizer) -> bool:
-    return bool(optimizer.param_groups[0].get("fused"))
 
 
 if __name__ == "__main__":

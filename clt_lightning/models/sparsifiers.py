@@ -779,6 +779,8 @@ def _across_ranks(fired: Tensor, n_tokens: int) -> tuple[Tensor, int]:
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return fired, n_tokens
-    packed = torch.cat([fired.flatten().to(torch.int64), fired.new_tensor([n_tokens], dtype=torch.int64)])
+    packed = torch.cat(
+        [fired.flatten().to(torch.int64), fired.new_tensor([n_tokens], dtype=torch.int64)]
+    )
     dist.all_reduce(packed)  # sum: fired count per latent, and the total tokens
     return packed[:-1].view_as(fired) > 0, int(packed[-1])
