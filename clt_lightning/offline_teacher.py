@@ -39,8 +39,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -64,6 +62,7 @@ from clt_lightning.data.datasets import (
     digits_split,
 )
 from clt_lightning.errors import CLTError, ConfigError, NonFiniteLossError
+from clt_lightning.files import atomic_write_bytes
 
 if TYPE_CHECKING:
     from clt_lightning.teacher import TeacherConfig
@@ -534,21 +533,6 @@ def train_digits_clip(
 # ----------------------------------------------------------------------------- cache folder
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write bytes to a temp file in the same folder, fsync, and rename over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o644)  # mkstemp makes 0600; the cache is meant to be shared
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -601,12 +585,12 @@ def _save(folder: Path, model: open_clip.CLIP, record: dict[str, Any]) -> None:
     """Write config, weights, and last the record that marks the folder complete."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / RECORD_FILE).unlink(missing_ok=True)  # incomplete until rewritten below
-    _atomic_write(folder / MODEL_CONFIG_FILE, _json_bytes(record["recipe"]["model_config"]))
+    atomic_write_bytes(folder / MODEL_CONFIG_FILE, _json_bytes(record["recipe"]["model_config"]))
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(folder / WEIGHTS_FILE, save(state, metadata={"format": "pt"}))
+    atomic_write_bytes(folder / WEIGHTS_FILE, save(state, metadata={"format": "pt"}))
     record["model_config_sha256"] = _sha256(folder / MODEL_CONFIG_FILE)
     record["weights_sha256"] = _sha256(folder / WEIGHTS_FILE)
-    _atomic_write(folder / RECORD_FILE, _json_bytes(record))
+    atomic_write_bytes(folder / RECORD_FILE, _json_bytes(record))
 
 
 def ensure_digits_teacher(

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from clt_lightning import plots
-from experiments.results import RunResult, atomic_write_text, load_runs
+from clt_lightning.files import atomic_write_text
+from experiments.results import RunResult, load_runs
 
 NAMES = {
     "jumprelu": "JumpReLU",

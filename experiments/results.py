@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,25 +230,3 @@ def load_runs(runs_dir: str | Path) -> LoadedRuns:
 
 def _evaluation_mtime(run: RunResult) -> float:
     return (run.path / EVALUATION_DIR / "run.json").stat().st_mtime
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write a text file atomically (temp file in the same folder, fsync, `os.replace`).
-
-    Args:
-        path: Destination; parent folders are created.
-        text: Content, written as UTF-8.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

@@ -51,8 +51,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from clt_lightning.files import atomic_write_text
 from experiments.paper_numbers import BACKBONES, DATASETS, SPARSIFIERS
-from experiments.results import atomic_write_text
 
 DEFAULT_DATA_ROOT = "data"
 DEFAULT_RUNS = "runs/sweep"

@@ -32,9 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
+from clt_lightning.files import atomic_write_text
 from experiments import figures
 from experiments import paper_numbers as pn
-from experiments.results import LoadedRuns, RunResult, atomic_write_text, load_runs
+from experiments.results import LoadedRuns, RunResult, load_runs
 
 log = logging.getLogger(__name__)
 

@@ -1,39 +1,16 @@
-"""Small file helpers shared by the evaluation modules (atomic writes, tables)."""
+"""Table helpers shared by the evaluation modules (Markdown and CSV, written atomically)."""
 
 from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from clt_lightning.files import atomic_write_bytes
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write bytes atomically: temp file in the same folder, fsync, `os.replace`.
-
-    Args:
-        path: Destination file; parent folders are created.
-        data: File content.
-
-    Returns:
-        The destination path.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+__all__ = ["atomic_write_bytes", "rows_to_csv", "rows_to_markdown", "write_csv", "write_markdown"]
 
 
 def _fmt(value: Any, digits: int) -> str:

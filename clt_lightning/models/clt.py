@@ -28,7 +28,6 @@ import functools
 import json
 import logging
 import math
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -39,6 +38,7 @@ from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from clt_lightning.errors import CheckpointMismatchError, ConfigError, DataNotFoundError
+from clt_lightning.files import atomic_write_bytes
 from clt_lightning.models.sparsifiers import (
     AbsTopK,
     LossContext,
@@ -130,16 +130,6 @@ def _load_sparse_decode() -> SparseDecodeFn | None:
         log.warning("clt_lightning.models.sparse_decode is missing; decoding codes densely")
         return None
     return sparse_decode
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temp file in the same directory, fsync and rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class CrossLayerTranscoder(nn.Module):
@@ -575,9 +565,9 @@ class CrossLayerTranscoder(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         metadata = {"format": "clt-lightning", "format_version": str(FORMAT_VERSION)}
-        _atomic_write(path / WEIGHTS_FILE, save(self.export_tensors(), metadata=metadata))
+        atomic_write_bytes(path / WEIGHTS_FILE, save(self.export_tensors(), metadata=metadata))
         config = json.dumps(self.export_config(), indent=2) + "\n"
-        _atomic_write(path / CONFIG_FILE, config.encode())
+        atomic_write_bytes(path / CONFIG_FILE, config.encode())
         return path
 
     @classmethod
