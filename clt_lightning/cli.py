@@ -171,6 +171,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> CLTLightningCL
         ActivationDataModule,
         trainer_class=CLTTrainer,
         save_config_kwargs={"overwrite": True},
+        seed_everything_default=0,  # reproducible by default; the saved config.yaml records it
         auto_configure_optimizers=False,
         parser_kwargs={"default_env": False},
         args=args,
