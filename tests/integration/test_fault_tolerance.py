@@ -147,7 +147,7 @@ def _cache_files(folder: Path) -> dict[str, bytes]:
 def test_disk_full_while_caching_then_resume(tiny_cache, tmp_path, monkeypatch):
     """ENOSPC while writing the 4th train shard: exit 2 naming the shard, the manifest lists
     only whole shards, no temp file; the rerun resumes to the uninterrupted bytes."""
-    import clt_lightning.data.cache as cache
+    import clt_lightning.data.cache_format as cache
 
     cache_dir = tmp_path / "activations"
     config = write_config(tmp_path / "run.yaml", cache_dir, tmp_path / "run")

@@ -273,7 +273,7 @@ class _HalfWriteTorch:
 
 def _pause_after_manifest(n_shards: int) -> None:
     """`clt cache`: block once a committed manifest lists `n_shards` shards of `train`."""
-    import clt_lightning.data.cache as cache
+    import clt_lightning.data.cache_format as cache
 
     real = cache._write_manifest
 

@@ -27,7 +27,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from clt_lightning.data import cache as cache_module
+from clt_lightning.data import cache_format
 from clt_lightning.data.cache import (
     Moments,
     open_cache,
@@ -238,7 +238,7 @@ def test_streaming_writer_matches_the_library_byte_for_byte(tmp_path: Path) -> N
         "e": torch.zeros(0, 4, dtype=torch.float32),
     }
     metadata = {"format": "clt-activation-shard"}  # one key: the library's order is then fixed
-    cache_module._write_safetensors(tmp_path / "a.safetensors", tensors, metadata)
+    cache_format._write_safetensors(tmp_path / "a.safetensors", tensors, metadata)
     assert (tmp_path / "a.safetensors").read_bytes() == safetensors.torch.save(tensors, metadata)
     header = safetensors_header(tensors, metadata)
     assert len(header) % 8 == 0
@@ -372,7 +372,7 @@ def test_not_enough_disk_space_is_refused_before_writing(
 def test_enospc_mid_write_leaves_a_resumable_cache(
     tmp_path: Path, reference: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    original = cache_module._write_chunks
+    original = cache_format._write_chunks
 
     def full_disk(f: Any, data: memoryview, digest: Any) -> None:
         if "shard_00001" in f.name:
@@ -380,14 +380,14 @@ def test_enospc_mid_write_leaves_a_resumable_cache(
             raise OSError(errno.ENOSPC, "No space left on device")
         original(f, data, digest)
 
-    monkeypatch.setattr(cache_module, "_write_chunks", full_disk)
+    monkeypatch.setattr(cache_format, "_write_chunks", full_disk)
     out = tmp_path / "c"
     with pytest.raises(DiskSpaceError, match="no space left.*shard_00001.*resume"):
         write_cache(FakeTeacher(), FakeDataset(), out, **WRITE_OPTIONS)
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
     manifest = json.loads((out / "manifest.json").read_text())
     assert [r["file"] for r in manifest["shards"]] == ["shard_00000.safetensors"]
-    monkeypatch.setattr(cache_module, "_write_chunks", original)
+    monkeypatch.setattr(cache_format, "_write_chunks", original)
     write_cache(FakeTeacher(), FakeDataset(), out, **WRITE_OPTIONS)
     assert cache_files(out) == cache_files(reference)
 
