@@ -24,10 +24,7 @@ Design decisions:
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import logging
-import os
 import pickle
 from collections.abc import Callable
 from pathlib import Path
@@ -43,8 +40,8 @@ from clt_lightning.errors import (
     CheckpointMismatchError,
     ConfigError,
     DataNotFoundError,
-    DiskSpaceError,
 )
+from clt_lightning.files import atomic_write_stream, temp_path  # noqa: F401 (temp_path: API)
 
 log = logging.getLogger(__name__)
 
@@ -64,21 +61,6 @@ def unreadable_checkpoint(path: str | Path, error: BaseException) -> UnreadableC
         f"cannot read the checkpoint {path}: {type(error).__name__}: {reason}. It is truncated "
         "or not a checkpoint written by `clt fit`; point --ckpt_path at another file"
     )
-
-
-def temp_path(path: Path) -> Path:
-    """The temp file a checkpoint is written to before the rename (same folder, hidden)."""
-    return path.with_name(f".{path.name}.tmp")
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in `folder` durable (no-op where directories cannot be opened)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -102,24 +84,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError("AtomicCheckpointIO.save_checkpoint takes no storage_options")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_path(path)
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException as error:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskSpaceError(
-                    f"no space left on the device while writing the checkpoint {path}; the "
-                    f"previous checkpoint there is intact: free some space and resume with "
-                    f"`clt fit --config ... --ckpt_path last`"
-                ) from error
-            raise
-        _fsync_dir(path.parent)
+        atomic_write_stream(
+            path,
+            lambda f: torch.save(checkpoint, f),
+            disk_full=f"the checkpoint {path}; the previous checkpoint there is intact: free "
+            "some space and resume with `clt fit --config ... --ckpt_path last`",
+        )
 
     def load_checkpoint(
         self,

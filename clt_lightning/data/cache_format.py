@@ -9,11 +9,8 @@ byte-level specification; `clt_lightning.data.cache` is the public facade.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import json
-import os
 import re
 import struct
 import sys
@@ -29,8 +26,8 @@ from torch import Tensor
 from clt_lightning.errors import (
     CacheError,
     CorruptShardError,
-    DiskSpaceError,
 )
+from clt_lightning.files import atomic_write_stream
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -142,47 +139,14 @@ def token_positions(
 # ------------------------------------------------------------------- atomic file writing
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in `folder` durable (no-op where directories cannot be opened)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp")
-
-
 def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write a file via a temp file in the same folder, fsync and `os.replace`.
-
-    Args:
-        path: Final file path.
-        write: Writes the whole content to the open temp file.
-
-    Raises:
-        DiskSpaceError: The device ran out of space (the temp file is removed).
-    """
-    tmp = _temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskSpaceError(
-                f"no space left on the device while writing {path}; everything up to the last "
-                f"complete shard is intact: free some space and rerun the same command to resume"
-            ) from e
-        raise
-    _fsync_dir(path.parent)
+    """Write a cache file atomically (see `files.atomic_write_stream`)."""
+    atomic_write_stream(
+        path,
+        write,
+        disk_full=f"{path}; everything up to the last complete shard is intact: free some "
+        "space and rerun the same command to resume",
+    )
 
 
 def _write_chunks(f: BinaryIO, data: memoryview, digest: Any) -> None:
