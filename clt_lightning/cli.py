@@ -41,7 +41,7 @@ from clt_lightning.data.datamodule import ActivationDataModule  # noqa: E402
 from clt_lightning.errors import CLTError, ConfigError  # noqa: E402
 from clt_lightning.evaluation.suite import EvaluationConfig  # noqa: E402
 from clt_lightning.loggers import default_loggers  # noqa: E402
-from clt_lightning.module import CLTModule  # noqa: E402
+from clt_lightning.module import CLTModule, check_training_precision  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +156,11 @@ class CLTLightningCLI(LightningCLI):
             raise unreadable_checkpoint(ckpt_path, error) from error
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """Resolve `trainer.logger: true` into the run folder's CSV and W&B loggers."""
+        """Resolve `trainer.logger: true` into the run folder's CSV and W&B loggers; refuse
+        a training precision with 16-bit weights before the Trainer is built."""
         config = self._get(self.config_init, "trainer", default={})
+        if self.subcommand == "fit":  # before Lightning builds (or imports) the precision
+            check_training_precision(config.get("precision"))
         if config.get("logger") in (None, True) and self.subcommand in ("fit", "validate", "test"):
             root = config.get("default_root_dir") or "runs/default"
             kwargs["logger"] = default_loggers(root)

@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
@@ -129,6 +130,8 @@ class CLTModule(L.LightningModule):
             if self.clt is None:
                 raise ConfigError("CLTModule needs a datamodule (or n_layers and d_model)")
             return
+        if stage == "fit":
+            check_training_precision(self.trainer.precision)
         fresh = self.clt is None
         self.build(datamodule.n_layers, datamodule.d_model)
         if fresh:
@@ -174,8 +177,14 @@ class CLTModule(L.LightningModule):
 
     # ------------------------------------------------------------------ training
     def progress(self) -> float:
-        """Fraction of training done, in [0, 1] (drives the JumpReLU sparsity ramp)."""
-        if not self._trainer:
+        """Fraction of training done, in [0, 1] (drives the JumpReLU sparsity ramp).
+
+        1.0 outside `fit` (validate, test, predict: the losses of the trained model, with
+        every term at full weight) and when the total is unknown or infinite. Only `fit`
+        asks for `trainer.estimated_stepping_batches`, which needs max_epochs or max_steps
+        and the train loader.
+        """
+        if not self._trainer or self.trainer.state.fn != TrainerFn.FITTING:
             return 1.0
         total = self.trainer.estimated_stepping_batches
         if not total or math.isinf(total):
@@ -284,6 +293,34 @@ class CLTModule(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+
+LOW_PRECISION_WEIGHTS = ("bf16-true", "16-true", "transformer-engine", "transformer-engine-float16")
+"""`trainer.precision` values that store the weights themselves in 16 bits."""
+
+
+def check_training_precision(precision: str | int | None) -> None:
+    """Refuse a precision that keeps the master weights in 16 bits (before any work).
+
+    With bf16/fp16 weights an AdamW step of lr x (update ~1) is below half a unit in the
+    last place of most weights (bf16 has 8 significant bits: a threshold of 1.0 moves
+    only by steps >= 2^-8), so updates round away and training silently stalls
+    (JumpReLU thresholds at 1.0 never move under bf16-true). Mixed precision computes in
+    16 bits but keeps float32 weights and optimizer state; "64-true" keeps float64.
+
+    Args:
+        precision: `trainer.precision` (a Lightning precision string; None = "32-true").
+
+    Raises:
+        ConfigError: For "bf16-true", "16-true" and the transformer-engine precisions,
+            naming `bf16-mixed` as the way.
+    """
+    if str(precision) in LOW_PRECISION_WEIGHTS:
+        raise ConfigError(
+            f"trainer.precision={precision!r} keeps the CLT weights in 16 bits, where most "
+            "updates round to zero and training stalls: use trainer.precision=bf16-mixed "
+            "(16-bit compute, float32 weights) or 32-true"
+        )
 
 
 def fused_adamw_supported(params: list[Tensor]) -> bool | None:

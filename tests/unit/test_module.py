@@ -60,6 +60,9 @@ class PlantedData(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val, batch_size=None)
 
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
 
 def make_trainer(root: Path, **kwargs) -> L.Trainer:
     defaults = dict(
@@ -169,3 +172,61 @@ def test_non_finite_loss_names_step_and_layer(tmp_path: Path) -> None:
 )
 def test_lr_factor_warmup_then_schedule(step: int, schedule: str, expected: float) -> None:
     assert math.isclose(lr_factor(step, 10, 110, schedule, 0.1), expected, rel_tol=1e-9)
+
+
+# ------------------------------------------------------------------ precision (issue 11.3)
+# Every value `Trainer(precision=...)` accepts (Lightning 2.x), legacy spellings included.
+PRECISIONS = ["32-true", "32", 32, "16-mixed", "16", 16, "bf16-mixed", "bf16", "bf16-true",
+              "16-true", "64-true", "64", 64, "transformer-engine",
+              "transformer-engine-float16"]  # fmt: skip
+
+
+def _jumprelu_fit(tmp_path: Path, precision: str | int) -> tuple[CLTModule, torch.Tensor]:
+    """5 steps of a JumpReLU CLT with thresholds at 1.0 (the issue's input, scaled down)."""
+    torch.manual_seed(0)
+    config = SparsifierConfig(name="jumprelu", threshold_init=1.0)
+    model = CLTModule(n_latents=16, sparsifier=config, lr=2e-4, warmup_steps=0)
+    trainer = make_trainer(
+        tmp_path / str(precision), max_steps=5, precision=precision, logger=False
+    )
+    data = PlantedData(n_train=5)
+    trainer.fit(model, data)
+    return model, model.clt.sparsifier.threshold.detach().float()
+
+
+@pytest.mark.parametrize("precision", PRECISIONS, ids=str)
+def test_every_precision_trains_or_is_refused_in_one_line(tmp_path: Path, precision) -> None:
+    """Parameters move as under 32-true (float32 or wider master weights), or the setting
+    is refused with one line naming bf16-mixed (bf16-true left all thresholds at 1.0)."""
+    from clt_lightning.errors import ConfigError
+    from clt_lightning.module import check_training_precision
+
+    torch.set_num_threads(1)
+    try:
+        check_training_precision(precision)
+    except ConfigError as error:
+        assert "bf16-mixed" in str(error) and "\n" not in str(error)
+        assert str(precision) in ("bf16-true", "16-true") or "transformer-engine" in str(precision)
+        if "transformer-engine" not in str(precision):  # Lightning needs the package first
+            with pytest.raises(ConfigError, match="bf16-mixed"):
+                _jumprelu_fit(tmp_path, precision)
+        return
+    _, reference = _jumprelu_fit(tmp_path, "32-true")
+    model, threshold = _jumprelu_fit(tmp_path, precision)
+    assert model.clt.W_enc.dtype in (torch.float32, torch.float64)
+    moved, moved_32 = (threshold - 1).abs(), (reference - 1).abs()
+    assert bool((moved > 0).all())  # every threshold moved
+    assert moved.mean().item() == pytest.approx(moved_32.mean().item(), rel=0.05)
+
+
+def test_validate_and_test_with_the_trainers_defaults(tmp_path: Path) -> None:
+    """Trainer.validate / test without max_epochs (Lightning's defaults) once asserted in
+    progress(): outside fit the losses use the full sparsity coefficient."""
+    model = CLTModule(n_latents=16, sparsifier=SparsifierConfig(name="jumprelu"))
+    make_trainer(tmp_path, max_epochs=1).fit(model, PlantedData(n_train=2))
+    for run in ("validate", "test"):
+        trainer = L.Trainer(default_root_dir=tmp_path / run, logger=False,
+                            enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+        results = getattr(trainer, run)(model, PlantedData(n_train=2))
+        assert math.isfinite(results[0][f"{'val' if run == 'validate' else 'test'}/loss"])
+        assert model.progress() == 1.0
