@@ -12,10 +12,12 @@ Design decisions:
   and val caches under `cache_dir/train` and `cache_dir/val`; `setup()` opens them and
   fails with a `CacheError` that says to run `clt cache --config ...` when one is missing.
 - Normalisation (`normalisation()`): `scale_l = sqrt(d_model / E||a_l||^2)` per layer, for
-  x (input_scale) and y (output_scale). Cached: from the train cache's statistics (over
-  every stored token). Online: estimated in `setup()` from the first `online_stats_images`
-  images of a permutation seeded by `seed` alone (all tokens), so every rank computes the
-  same values without communication.
+  x (input_scale) and y (output_scale), over the tokens trained (`token_filter`), so that
+  every layer has mean squared norm d in the scaled space on exactly those tokens. Cached:
+  the train cache's statistics when the filter keeps every stored token, else one pass
+  over the train shards (`trained_mean_sq_norms`). Online: estimated in `setup()` from the
+  first `online_stats_images` images of a permutation seeded by `seed` alone (filtered
+  tokens), so every rank computes the same values without communication.
 - The epoch that seeds shard order and shuffling is Lightning's count of processed
   epochs (what it gives samplers; `trainer.current_epoch` lags by one when resuming from
   a checkpoint written at an epoch's end), read by the train loader each time it starts
@@ -63,7 +65,9 @@ from clt_lightning.data.streams import (
     CachedTokenStream,
     OnlineTokenStream,
     assign_shards,
+    filtered_tokens_per_image,
     permutation,
+    shard_token_rows,
 )
 from clt_lightning.errors import CacheError, ConfigError
 from clt_lightning.teacher import Teacher, TeacherConfig, file_sha256
@@ -127,6 +131,34 @@ def scales_from_mean_sq_norm(mean_sq_norm: Tensor, d_model: int) -> Tensor:
     if not bool(torch.all(mean_sq_norm > 0)):
         raise CacheError(f"mean squared norms must be positive, got {mean_sq_norm.tolist()}")
     return torch.sqrt(d_model / mean_sq_norm).to(torch.float32)
+
+
+def trained_mean_sq_norms(cache: ActivationCache, token_filter: str) -> tuple[Tensor, Tensor]:
+    """E||x_l||^2 and E||y_l||^2 per layer ([L] float64) over the tokens the run trains on.
+
+    The manifest's statistics cover every stored token; they are used as they are when the
+    filter keeps every stored token. Otherwise (e.g. token_filter "cls" on a cache of all
+    tokens, where [CLS] norms differ from patch norms by up to ~7x per layer) one pass
+    over the train shards sums the squared norms of the kept tokens in float64.
+
+    Args:
+        cache: The train cache.
+        token_filter: "all", "cls" or "patches".
+    """
+    if filtered_tokens_per_image(cache.tokens_per_image, token_filter) == cache.tokens_per_image:
+        stats = cache.stats()
+        return stats.x_mean_sq_norm, stats.y_mean_sq_norm
+    log.info("normalisation: one pass over %s for the %s tokens", cache.path, token_filter)
+    sums = torch.zeros(2, cache.n_layers, dtype=torch.float64)
+    count = 0
+    for index in range(cache.n_shards):
+        rows = shard_token_rows(cache.load_shard(index), token_filter)
+        for slot, key in enumerate(("x", "y")):
+            sums[slot] += rows[key].double().square().sum(dim=(0, 2))
+        count += len(rows["token"])
+    if count == 0:
+        raise CacheError(f"the cache {cache.path} holds no {token_filter} tokens")
+    return sums[0] / count, sums[1] / count
 
 
 def cache_config_mismatches(
@@ -481,10 +513,10 @@ class ActivationDataModule(L.LightningDataModule):
                 "(cache_tokens='cls'); use token_filter 'cls' or 'all'"
             )
         self._caches = {"train": train, "val": val}
-        stats = train.stats()
+        x_msn, y_msn = trained_mean_sq_norms(train, self.token_filter)
         self._scales = (
-            scales_from_mean_sq_norm(stats.x_mean_sq_norm, train.d_model),
-            scales_from_mean_sq_norm(stats.y_mean_sq_norm, train.d_model),
+            scales_from_mean_sq_norm(x_msn, train.d_model),
+            scales_from_mean_sq_norm(y_msn, train.d_model),
         )
         self._meta.update(
             n_layers=train.n_layers,
@@ -516,7 +548,8 @@ class ActivationDataModule(L.LightningDataModule):
         self._scales = self._estimate_online_scales()
 
     def _estimate_online_scales(self) -> tuple[Tensor, Tensor]:
-        """Normalisation from the first online_stats_images images of a seed-only permutation."""
+        """Normalisation from the first online_stats_images images of a seed-only
+        permutation, over the tokens that `token_filter` keeps (those trained)."""
         stream = self._stream(
             "train", self.batch_size, shuffle=False, max_batches=None, layout=(1, 0)
         )
@@ -525,7 +558,7 @@ class ActivationDataModule(L.LightningDataModule):
         log.info("estimating the online normalisation from %d images", len(ids))
         sums = torch.zeros(2, self.n_layers, dtype=torch.float64)
         count = 0
-        for rows in stream.image_rows(ids, token_filter="all"):
+        for rows in stream.image_rows(ids):  # the tokens trained (data.token_filter)
             sums[0] += rows["x"].double().square().sum(dim=(0, 2)).cpu()
             sums[1] += rows["y"].double().square().sum(dim=(0, 2)).cpu()
             count += len(rows["token"])

@@ -122,6 +122,30 @@ def test_token_filter(cache_dir, tiny_teacher_config, token_filter, n_rows):
     assert (tokens == 0).all() if token_filter == "cls" else (tokens != 0).all()
 
 
+@pytest.mark.parametrize("token_filter", ["cls", "patches"])
+@pytest.mark.parametrize("source", ["cache", "online"])
+def test_normalisation_is_of_the_trained_tokens(
+    cache_dir, tiny_teacher_config, token_filter, source
+):
+    """E||a_l * scale_l||^2 / d = 1 per layer on the tokens trained (issue 11.4: with
+    token_filter=cls the scales came from all tokens), cached and online alike; checked
+    with numpy over the shards' filtered tokens."""
+    module = _module(cache_dir, tiny_teacher_config, token_filter=token_filter, source=source)
+    module.setup("fit")
+    x, y = _shard_arrays(_cached(cache_dir, tiny_teacher_config), "train")  # [N, T, L, d]
+    keep = slice(0, 1) if token_filter == "cls" else slice(1, None)
+    for scale, values in zip(module.normalisation(), (x, y), strict=True):
+        kept = values[:, keep] * scale.numpy().astype(np.float64)[:, None]
+        per_layer = (kept**2).sum(-1).mean(axis=(0, 1)) / D_MODEL
+        np.testing.assert_allclose(per_layer, np.ones(N_LAYERS), rtol=1e-5)
+
+
+def _cached(cache_dir: Path, teacher_config) -> ActivationDataModule:
+    module = _module(cache_dir, teacher_config)
+    module.setup("fit")
+    return module
+
+
 def test_epoch_from_trainer_changes_order_and_is_deterministic(cached):
     def order(epoch: int) -> list[tuple[int, int]]:
         cached.trainer = SimpleNamespace(current_epoch=epoch, world_size=1, global_rank=0)
