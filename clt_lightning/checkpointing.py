@@ -14,7 +14,9 @@ Design decisions:
 - `CLTCheckpoint` is the `ModelCheckpoint` that `clt fit` adds by default (`checkpoint:`
   section of the config): it keeps `last.ckpt` only (no top-k copies, there is no metric
   to rank by), writes it every `every_n_train_steps` optimiser steps, at every epoch end
-  (where a resume is exact whatever the dataloader) and when fit ends. Lightning's own
+  (where a resume is exact whatever the dataloader) and when fit ends; and after the
+  last batch trained when fit stops mid-epoch (max_steps, max_time, `should_stop`,
+  SIGTERM: `stops_mid_epoch`), so that the resume continues that epoch. Lightning's own
   ModelCheckpoint with `every_n_train_steps` writes neither of the last two, so its
   last.ckpt could miss the final steps of a run.
 - Reading (`--ckpt_path`) is weights-only unless the user asks otherwise: a checkpoint is
@@ -154,6 +156,18 @@ class CLTCheckpoint(ModelCheckpoint):
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if stops_mid_epoch(trainer, batch_idx):
+            self._save_last_now(trainer)
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
         if self._should_save_on_train_epoch_end(trainer):
@@ -166,3 +180,27 @@ class CLTCheckpoint(ModelCheckpoint):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._save_last_now(trainer)
+
+
+def stops_mid_epoch(trainer: L.Trainer, batch_idx: int) -> bool:
+    """Whether fit stops after this training batch with batches of the epoch left.
+
+    Lightning ends the epoch early when `max_steps` is reached or `trainer.should_stop`
+    is set (`max_time`, early stopping), and then counts that epoch as processed, so a
+    checkpoint written at the epoch's end or at fit end would resume at the *next* epoch
+    and never train the rest of this one. Written here instead (after the batch, while
+    the epoch is still running), the checkpoint resumes mid-epoch: Lightning restores its
+    loops and the train loader's state, which skips the batches already trained. After
+    SIGTERM (`trainer.received_sigterm`, Lightning's preemption handling) the loop raises
+    before the epoch ends, so this batch is the last chance to save, last batch or not.
+
+    Args:
+        trainer: The trainer (public attributes only).
+        batch_idx: Index of the batch just trained, within the epoch.
+    """
+    if trainer.received_sigterm:
+        return True
+    last_batch = batch_idx + 1 >= trainer.num_training_batches
+    max_steps = trainer.max_steps
+    steps_done = max_steps is not None and max_steps >= 0 and trainer.global_step >= max_steps
+    return not last_batch and (steps_done or trainer.should_stop)

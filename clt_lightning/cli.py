@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import sys
 from typing import Any
 
@@ -28,7 +29,10 @@ from lightning.pytorch import Trainer  # noqa: E402
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
 from lightning.pytorch.plugins.io import CheckpointIO  # noqa: E402
-from lightning.pytorch.utilities.exceptions import MisconfigurationException  # noqa: E402
+from lightning.pytorch.utilities.exceptions import (  # noqa: E402
+    MisconfigurationException,
+    SIGTERMException,
+)
 
 from clt_lightning import commands  # noqa: E402
 from clt_lightning.checkpointing import (  # noqa: E402
@@ -190,6 +194,13 @@ def main(args: list[str] | None = None) -> int:
     except CLTError as error:
         print(f"clt: error: {error}", file=sys.stderr)
         return 2
+    except SIGTERMException:  # Lightning stopped fit after the batch running at SIGTERM
+        print(
+            "clt: stopped by SIGTERM; the checkpoint holds every batch trained: resume with "
+            "`clt fit --config ... --ckpt_path last`",
+            file=sys.stderr,
+        )
+        return 128 + signal.SIGTERM
     except OSError as error:  # a full disk anywhere (index, figure, log): one line, no trace
         if error.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

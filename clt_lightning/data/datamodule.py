@@ -18,12 +18,12 @@ Design decisions:
   over the train shards (`trained_mean_sq_norms`). Online: estimated in `setup()` from the
   first `online_stats_images` images of a permutation seeded by `seed` alone (filtered
   tokens), so every rank computes the same values without communication.
-- The epoch that seeds shard order and shuffling is Lightning's count of processed
-  epochs (what it gives samplers; `trainer.current_epoch` lags by one when resuming from
-  a checkpoint written at an epoch's end), read by the train loader each time it starts
-  iterating, so a resumed run replays the same epoch's order. The train loader is
-  stateful (`EpochDataLoader.state_dict`): a mid-epoch resume skips the batches already
-  consumed and continues with exactly the remaining ones.
+- The epoch that seeds shard order and shuffling is the one Lightning gives samplers at
+  each epoch start (its count of epochs processed; `trainer.current_epoch` lags by one
+  after some resumes): the train loader's `sampler.set_epoch` sets it, so a resumed run
+  replays the same epoch's order. The train loader is stateful
+  (`EpochDataLoader.state_dict`): a mid-epoch resume skips the batches already trained
+  and continues with exactly the remaining ones.
   Without a trainer, `set_epoch()` sets it. Loaders must not use persistent workers: the
   workers copy the stream, epoch included, when an iteration starts.
 - Every rank yields the same number of batches per epoch: each worker yields only full
@@ -56,7 +56,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from clt_lightning.data.cache import ActivationCache, open_cache, write_cache
 from clt_lightning.data.datasets import DatasetConfig, build_dataset, resolve_split
@@ -79,49 +79,86 @@ log = logging.getLogger(__name__)
 _STATS_STREAM = 0x57A75  # entropy tag for the online normalisation image sample
 
 
-class EpochDataLoader(DataLoader):
-    """DataLoader that sets its stream's epoch from `epoch_fn()` each time iteration starts,
-    and that resumes mid-epoch (Lightning's stateful-dataloader protocol).
+class _EpochSampler(Sampler[None]):
+    """The `sampler` of an `EpochDataLoader`: Lightning calls `set_epoch(epoch)` on a
+    loader's sampler at the start of every epoch (its count of epochs processed, right
+    after a resume too), which here selects the stream's epoch. Yields no indices: the
+    stream is an IterableDataset."""
 
-    Lightning calls `set_epoch` only on samplers, and an IterableDataset has none; this
-    runs in the main process before workers copy the stream. `state_dict()` (saved in every
-    checkpoint) records the epoch being iterated and the batches the training loop consumed
-    (`consumed_fn()`); after `load_state_dict()`, the next iteration of that same epoch
-    skips those batches, so a run resumed from a mid-epoch checkpoint trains on exactly
-    the batches an uninterrupted run would. Skipping replays the stream (it reads and
-    shuffles the skipped shards again), which keeps the shuffle buffer's state exact.
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stream.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[None]:
+        return itertools.repeat(None)
+
+
+class EpochDataLoader(DataLoader):
+    """DataLoader of a token stream whose epoch Lightning sets, and that resumes mid-epoch
+    (Lightning's stateful-dataloader protocol, `state_dict` / `load_state_dict`).
+
+    Lightning sets the epoch through the loader's `sampler` (`_EpochSampler`) in the main
+    process before workers copy the stream. `state_dict()` (saved in every checkpoint)
+    records the epoch being iterated and the batches of it trained so far, counted from
+    the trainer's public `global_step` (x `accumulate_grad_batches`) since the iteration
+    began, plus those skipped on resume; Lightning's prefetching does not count. After
+    `load_state_dict()`, the next iteration of that same epoch skips those batches, so a
+    run resumed from a mid-epoch checkpoint trains on exactly the batches an
+    uninterrupted run would. Skipping replays the stream (it reads and shuffles the
+    skipped shards again), which keeps the shuffle buffer's state exact.
+
+    Args:
+        stream: The token stream (an IterableDataset with `set_epoch` and `epoch`).
+        trainer_fn: Returns the trainer (or None) whose progress counts the batches.
+        **kwargs: DataLoader arguments (batch_size=None: the stream yields batches).
     """
 
     def __init__(
-        self,
-        *args: Any,
-        epoch_fn: Callable[[], int] | None = None,
-        consumed_fn: Callable[[], int] | None = None,
-        **kwargs: Any,
+        self, stream: Any, *, trainer_fn: Callable[[], Any] | None = None, **kwargs: Any
     ) -> None:
-        super().__init__(*args, **kwargs)
-        self.epoch_fn = epoch_fn
-        self.consumed_fn = consumed_fn
+        super().__init__(stream, **kwargs)
+        self.trainer_fn = trainer_fn
         self._epoch: int | None = None
+        self._skipped = self._start = 0
         self._resume: dict[str, Any] | None = None
 
+    @property
+    def sampler(self) -> _EpochSampler:
+        """Where Lightning sets the epoch (`set_epoch`)."""
+        return _EpochSampler(self.dataset)
+
+    @sampler.setter
+    def sampler(self, value: Any) -> None:
+        """DataLoader.__init__ assigns its no-op sampler for IterableDatasets; ours stays."""
+
+    def _trained(self) -> int:
+        trainer = self.trainer_fn() if self.trainer_fn is not None else None
+        if trainer is None:
+            return 0
+        steps = getattr(trainer, "global_step", 0)  # a stand-in trainer may have no steps
+        return steps * getattr(trainer, "accumulate_grad_batches", 1)
+
     def state_dict(self) -> dict[str, Any]:
-        """{"epoch": epoch being iterated, "batches": batches of it consumed}."""
-        return {"epoch": self._epoch, "batches": self.consumed_fn() if self.consumed_fn else 0}
+        """{"epoch": epoch being iterated, "batches": batches of it trained}."""
+        return {"epoch": self._epoch, "batches": self._skipped + self._trained() - self._start}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Skip the consumed batches when the saved epoch is iterated next."""
+        """Skip the trained batches when the saved epoch is iterated next."""
         self._resume = dict(state_dict)
 
     def __iter__(self) -> Iterator[Any]:
-        self._epoch = None if self.epoch_fn is None else self.epoch_fn()
-        if self._epoch is not None:
-            self.dataset.set_epoch(self._epoch)
-        iterator = super().__iter__()
+        self._epoch = getattr(self.dataset, "epoch", None)
         resume, self._resume = self._resume, None
-        if resume and resume.get("epoch") == self._epoch and resume.get("batches", 0) > 0:
-            log.info("resuming epoch %d after %d batches", self._epoch, resume["batches"])
-            return itertools.islice(iterator, resume["batches"], None)
+        self._skipped = 0
+        if resume and resume.get("epoch") == self._epoch:
+            self._skipped = max(0, int(resume.get("batches", 0)))
+        self._start = self._trained()
+        iterator = super().__iter__()
+        if self._skipped:
+            log.info("resuming epoch %s after %d batches", self._epoch, self._skipped)
+            return itertools.islice(iterator, self._skipped, None)
         return iterator
 
 
@@ -395,11 +432,7 @@ class ActivationDataModule(L.LightningDataModule):
         _report_coverage(stream, self.batch_size)
         workers = self.num_workers if self.source == "cache" else 0
         return EpochDataLoader(
-            stream,
-            batch_size=None,
-            num_workers=workers,
-            epoch_fn=self._current_epoch,
-            consumed_fn=self._batches_consumed,
+            stream, batch_size=None, num_workers=workers, trainer_fn=lambda: self.trainer
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -459,20 +492,10 @@ class ActivationDataModule(L.LightningDataModule):
         return self._meta[key]
 
     def _current_epoch(self) -> int:
-        """The epoch the train loader iterates next: Lightning's count of epochs *processed*
-        (what it gives samplers). `trainer.current_epoch` counts completed epochs, which
-        still includes the finished epoch as running when resuming from a checkpoint
-        written at on_train_epoch_end, and would replay that epoch's order."""
-        trainer = self.trainer
-        if trainer is None:
-            return self._epoch
-        progress = getattr(getattr(trainer, "fit_loop", None), "epoch_progress", None)
-        return progress.current.processed if progress is not None else trainer.current_epoch
-
-    def _batches_consumed(self) -> int:
-        """Training batches of the current epoch the loop has consumed (for state_dict)."""
-        loop = getattr(self.trainer, "fit_loop", None)
-        return loop.epoch_loop.batch_progress.current.processed if loop is not None else 0
+        """The epoch a new train loader starts with (`set_epoch` without a trainer). Under
+        a trainer, Lightning sets each epoch's number through the loader's sampler before
+        iterating (`EpochDataLoader`), so this only sizes the first epoch."""
+        return self._epoch if self.trainer is None else self.trainer.current_epoch
 
     def _layout(self) -> tuple[int, int]:
         """(world_size, rank) from the trainer, else torch.distributed, else (1, 0)."""

@@ -47,6 +47,7 @@ class GlobalBatches(IterableDataset):
         self.streams = streams
 
     def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
         for stream in self.streams:
             stream.set_epoch(epoch)
 
@@ -93,7 +94,7 @@ def _reference_run(tiny_cache: Path, tmp_path: Path) -> tuple[Path, dict]:
     cli = build_cli(["--config", str(config)], run=False)
     streams = rank_streams(tiny_cache)
     cli.datamodule.train_dataloader = lambda: EpochDataLoader(  # instance attribute: used by fit
-        GlobalBatches(streams), batch_size=None, epoch_fn=lambda: cli.trainer.current_epoch
+        GlobalBatches(streams), batch_size=None, trainer_fn=lambda: cli.trainer
     )
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return run, {k: v.detach().clone() for k, v in cli.model.state_dict().items()}

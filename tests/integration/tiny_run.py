@@ -218,10 +218,20 @@ class PauseAt(Callback):
             n-th checkpoint file, `batch` = n, 0-based).
         epoch: Epoch of the point (train_batch / validation_batch).
         batch: Batch index within the epoch, or the checkpoint number.
+        until: "kill" blocks until killed; "sigterm" (train_batch only) waits until
+            Lightning has seen a SIGTERM, then lets the batch train.
     """
 
-    def __init__(self, marker: str, hook: str = "train_batch", epoch: int = 0, batch: int = 0):
+    def __init__(
+        self,
+        marker: str,
+        hook: str = "train_batch",
+        epoch: int = 0,
+        batch: int = 0,
+        until: str = "kill",
+    ):
         self.marker, self.hook, self.epoch, self.batch = marker, hook, epoch, batch
+        self.until = until
         self._saves = 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -229,6 +239,11 @@ class PauseAt(Callback):
             self.epoch,
             self.batch,
         ):
+            if self.until == "sigterm":  # wait for Lightning's SIGTERM handler, then go on
+                Path(self.marker).write_text(str(os.getpid()))
+                while not trainer.received_sigterm:
+                    time.sleep(0.01)  # polling interval, not a timing assumption
+                return
             _block(self.marker)
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
@@ -243,6 +258,49 @@ class PauseAt(Callback):
             import clt_lightning.checkpointing as checkpointing
 
             checkpointing.torch = _HalfWriteTorch(self)
+
+
+class StopAt(Callback):
+    """Raise `KeyboardInterrupt` (Ctrl+C) or a `RuntimeError` (a crash) before a chosen
+    training batch (add with `trainer.callbacks`).
+
+    Args:
+        epoch: Epoch of the batch.
+        batch: Batch index within the epoch.
+        error: "interrupt" or "crash".
+    """
+
+    def __init__(self, epoch: int, batch: int, error: str = "interrupt") -> None:
+        self.epoch, self.batch, self.error = epoch, batch, error
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch):
+            if self.error == "interrupt":
+                raise KeyboardInterrupt
+            raise RuntimeError(f"crash before batch {batch_idx} of epoch {self.epoch}")
+
+
+try:
+    from lightning.pytorch.callbacks import Timer
+except ImportError:  # pragma: no cover
+    Timer = object  # type: ignore[assignment,misc]
+
+
+class BatchClock(Timer):
+    """Lightning's `Timer` (what `trainer.max_time` adds) on a clock that advances one
+    second per training batch, so `duration` seconds stop fit after exactly that many
+    batches (the real clock would make the stop point depend on the machine's speed)."""
+
+    def __init__(self, duration: str) -> None:
+        super().__init__(duration=duration, interval="step")
+        self._batches = 0
+
+    def time_elapsed(self, stage: str = "train") -> float:
+        return float(self._batches)
+
+    def on_train_batch_end(self, trainer, *args: Any, **kwargs: Any) -> None:
+        self._batches += 1
+        super().on_train_batch_end(trainer, *args, **kwargs)
 
 
 class _HalfWriteTorch:
