@@ -19,6 +19,7 @@ Design decisions:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from dataclasses import asdict
@@ -154,6 +155,54 @@ class CLTModule(L.LightningModule):
             "d_model": self.clt.d_model,
             "n_latents": self.clt.n_latents,
         }
+        if self.calibrate_threshold():  # the checkpoint carries the weights' own threshold
+            state = checkpoint["state_dict"]
+            for name, buffer in self.named_buffers():
+                if name.endswith("sparsifier.threshold") and name in state:
+                    state[name] = buffer.detach().clone()
+
+    def on_validation_epoch_start(self) -> None:
+        if self.trainer.state.fn == TrainerFn.FITTING:  # validate/test use the checkpoint's
+            self.calibrate_threshold()
+
+    @torch.no_grad()
+    def calibrate_threshold(self) -> bool:
+        """Refit the sparsifier's inference threshold to the current weights (batch_topk).
+
+        Runs `sparsifier.calibration_batches` batches of training tokens (the
+        datamodule's train loader at epoch 0, so the same tokens whenever it runs, also
+        after a resume) through the encoder; under DDP the per-rank thresholds are
+        averaged. Training never reads the threshold, so this changes no weight.
+
+        Returns:
+            True if a threshold was set; False for sparsifiers without one, or without a
+            datamodule to draw training tokens from (the running EMA then stays).
+        """
+        sparsifier = self.clt.sparsifier
+        if not sparsifier.calibrates:
+            return False
+        batches = self._calibration_batches()
+        if batches is None:
+            return False
+        pre = (self.clt.pre_activations(b["x"].to(self.device)) for b in batches)
+        threshold = sparsifier.calibrated_threshold(pre)
+        if threshold is None:
+            return False
+        if self.trainer.world_size > 1:
+            threshold = self.trainer.strategy.reduce(threshold, reduce_op="mean")
+        sparsifier.set_threshold(threshold)
+        return True
+
+    def _calibration_batches(self) -> Any:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        if datamodule is None:
+            log.warning("no datamodule: the inference threshold stays the training EMA")
+            return None
+        loader = datamodule.train_dataloader()
+        set_epoch = getattr(getattr(loader, "sampler", None), "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(0)
+        return itertools.islice(loader, self.sparsifier_config.calibration_batches)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         shape = checkpoint.get("clt_shape")

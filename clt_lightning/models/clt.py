@@ -264,10 +264,21 @@ class CrossLayerTranscoder(nn.Module):
         Returns:
             Encoding(pre [B, L, F], z [B, L, F], codes [B, L, k] or None).
         """
-        self._check_activations("x", x)
-        pre = torch.einsum("bld,ldf->blf", self.scale_inputs(x), self.W_enc) + self.b_enc
+        pre = self.pre_activations(x)
         z, codes = self.sparsifier.activate(pre, want_codes=self._want_codes())
         return Encoding(pre, z, codes)
+
+    def pre_activations(self, x: Tensor) -> Tensor:
+        """Encoder pre-activations in scaled space, no sparsifier (and no statistics).
+
+        Args:
+            x: Raw MLP inputs [B, L, d].
+
+        Returns:
+            pre [B, L, F] = (x_l * input_scale_l) @ W_enc[l] + b_enc[l].
+        """
+        self._check_activations("x", x)
+        return torch.einsum("bld,ldf->blf", self.scale_inputs(x), self.W_enc) + self.b_enc
 
     def encode_layer(self, layer: int, x: Tensor) -> Tensor:
         """Encode one layer (for layer-by-layer replacement); no statistics update.

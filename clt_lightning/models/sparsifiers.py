@@ -25,7 +25,7 @@ Design decisions:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, NamedTuple
 
@@ -85,7 +85,10 @@ class SparsifierConfig:
         aux_k: Dead latents used by the AuxK loss per layer and token (clipped to F).
         aux_coeff: Weight of the AuxK loss (TopK variants).
         dead_tokens: A latent that has not fired in this many training tokens is dead.
-        threshold_ema: EMA decay of batch_topk's calibrated inference threshold.
+        threshold_ema: EMA decay of batch_topk's running inference threshold during
+            training (replaced by the calibration before validation and in checkpoints).
+        calibration_batches: Training batches whose pre-activations, under the current
+            weights, calibrate batch_topk's inference threshold (`calibrated_threshold`).
     """
 
     name: str = "relu_topk"
@@ -101,6 +104,7 @@ class SparsifierConfig:
     aux_coeff: float = 1 / 32
     dead_tokens: int = 10_000_000
     threshold_ema: float = 0.99
+    calibration_batches: int = 16
 
     def __post_init__(self) -> None:
         checks = {
@@ -115,6 +119,7 @@ class SparsifierConfig:
             "aux_coeff": self.aux_coeff >= 0,
             "sparsity_warmup_fraction": 0 <= self.sparsity_warmup_fraction <= 1,
             "threshold_ema": 0 <= self.threshold_ema < 1,
+            "calibration_batches": self.calibration_batches >= 1,
             "sparsity_loss": self.sparsity_loss in ("tanh", "l0"),
         }
         for key, ok in checks.items():
@@ -137,6 +142,7 @@ _VALID_RANGES = {
     "aux_coeff": "a float >= 0",
     "sparsity_warmup_fraction": "a float in [0, 1]",
     "threshold_ema": "a float in [0, 1)",
+    "calibration_batches": "an integer >= 1",
     "sparsity_loss": "'tanh' or 'l0'",
 }
 
@@ -412,6 +418,8 @@ class Sparsifier(nn.Module):
     """Whether SparseCodes come for free, so `auto` decoding should use them."""
     needs_decoder_norms: ClassVar[bool] = False
     """Whether `losses` reads `LossContext.decoder_norms` (JumpReLU's penalties do)."""
+    calibrates: ClassVar[bool] = False
+    """Whether the inference threshold is refit to the weights (`calibrated_threshold`)."""
     sparse_grad_exact: ClassVar[bool] = True
     """Whether decoding the codes gives pre the same gradient as decoding dense z. False
     for JumpReLU: its threshold pseudo-derivative needs dLoss/dz at latents just below the
@@ -494,6 +502,22 @@ class Sparsifier(nn.Module):
     def _update_statistics(self, z: Tensor) -> None:
         """Count tokens since each latent fired, from activations z [B, L, F]."""
         self.record_fired((z != 0).any(dim=0), z.shape[0])
+
+    def calibrated_threshold(self, pre_batches: Iterable[Tensor]) -> Tensor | None:
+        """Inference threshold fitted to the current weights, or None (nothing to fit).
+
+        Args:
+            pre_batches: Pre-activation batches [B, L, F] of training tokens.
+
+        Returns:
+            [L] float32 for sparsifiers whose inference rule differs from training
+            (batch_topk); None for the others (the default).
+        """
+        return None
+
+    def set_threshold(self, threshold: Tensor) -> None:
+        """Install a `calibrated_threshold` result (only sparsifiers that return one)."""
+        raise NotImplementedError(f"{self.name} has no calibrated threshold")
 
     @torch.no_grad()
     def record_fired(self, fired: Tensor, n_tokens: int) -> None:
@@ -640,13 +664,17 @@ class BatchTopK(_TopKBase):
     Training keeps, per layer, the k*B largest values of ReLU(pre) among all B tokens, so
     tokens get a variable number of latents with k on average. Inference cannot depend on
     the batch, so it uses a per-layer threshold: z = pre * (pre > threshold_l). The
-    threshold buffer [L] is calibrated during training as an EMA (decay `threshold_ema`)
-    of the smallest value kept in each training batch (the first batch sets it directly).
+    threshold buffer [L] runs during training as an EMA (decay `threshold_ema`) of the
+    smallest value kept in each training batch (the first batch sets it directly), and
+    is recalibrated on the current weights (`calibrated_threshold`) before each
+    validation and in every checkpoint (`CLTModule.calibrate_threshold`), so inference
+    and the export use a threshold of the final weights.
 
     Buffers: `threshold` [L] float32, `threshold_updates` [L] int64.
     """
 
     codes_are_cheap = False
+    calibrates = True
 
     def __init__(self, config: SparsifierConfig, n_layers: int, n_latents: int) -> None:
         super().__init__(config, n_layers, n_latents)
@@ -674,11 +702,50 @@ class BatchTopK(_TopKBase):
         mask = mask.reshape(n_layers, n_tokens, n_latents).transpose(0, 1)
         return act * mask.to(act.dtype)
 
+    @staticmethod
+    def _kept_min(z: Tensor) -> Tensor:
+        """Smallest kept (positive) value per layer of z [B, L, F]; inf where none."""
+        zf = z.float()
+        return torch.where(zf > 0, zf, torch.full_like(zf, float("inf"))).amin(dim=(0, 2))
+
+    @torch.no_grad()
+    def calibrated_threshold(self, pre_batches: Iterable[Tensor]) -> Tensor | None:
+        """Mean, over batches, of the smallest value the batch top-(k*B) keeps per layer,
+        under the current weights (Bussmann et al. 2024's inference threshold).
+
+        The running EMA of training mixes in the values of early, very different
+        weights (the first batch set it): its L0 at inference drifted to 2.6x k. This
+        statistic of the final weights gives an L0 at inference close to k per layer.
+
+        Args:
+            pre_batches: Pre-activation batches [B, L, F] of training tokens.
+
+        Returns:
+            [L] float32; None when no batch was given. A layer where no batch kept a
+            value keeps its current threshold.
+        """
+        total = torch.zeros(self.n_layers, dtype=torch.float64, device=self.threshold.device)
+        count = torch.zeros_like(total)
+        for pre in pre_batches:
+            kept_min = self._kept_min(self._batch_select(torch.relu(pre))).to(total.device)
+            valid = torch.isfinite(kept_min)
+            total += torch.where(valid, kept_min.double(), 0.0)
+            count += valid.double()
+        if not bool(count.any()):
+            return None
+        mean = total / count.clamp_min(1)
+        return torch.where(count > 0, mean, self.threshold.double()).float()
+
+    @torch.no_grad()
+    def set_threshold(self, threshold: Tensor) -> None:
+        """Install a calibrated per-layer threshold [L]."""
+        self.threshold.copy_(threshold)
+        self.threshold_updates.clamp_(min=1)
+
     @torch.no_grad()
     def _update_statistics(self, z: Tensor) -> None:
         super()._update_statistics(z)
-        zf = z.float()
-        kept_min = torch.where(zf > 0, zf, torch.full_like(zf, float("inf"))).amin(dim=(0, 2))
+        kept_min = self._kept_min(z)
         valid = torch.isfinite(kept_min)
         ema = self.config.threshold_ema
         smoothed = ema * self.threshold + (1 - ema) * kept_min

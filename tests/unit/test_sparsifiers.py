@@ -107,6 +107,28 @@ def test_batch_topk_training_matches_naive_and_calibrates_threshold() -> None:
     np.testing.assert_allclose(sparsifier.threshold.numpy(), ema, rtol=1e-6)
 
 
+def test_batch_topk_calibrated_threshold_is_the_mean_smallest_kept_value() -> None:
+    """calibrated_threshold = mean over batches of the naive batch top-(k*B)'s smallest
+    kept value per layer; it changes no state until set_threshold."""
+    sparsifier = make("batch_topk", k=3).train()
+    batches = [torch.randn(B, L, F, dtype=torch.float64) + shift for shift in (0.0, 0.7)]
+    expected = np.mean(
+        [
+            [naive[:, i][naive[:, i] > 0].min() for i in range(L)]
+            for naive in (naive_batch_topk(pre.numpy(), 3) for pre in batches)
+        ],
+        axis=0,
+    )
+    before = sparsifier.threshold.clone()
+    threshold = sparsifier.calibrated_threshold(iter(batches))
+    np.testing.assert_allclose(threshold.numpy(), expected, rtol=1e-6)
+    assert torch.equal(sparsifier.threshold, before)
+    assert sparsifier.calibrated_threshold(iter(())) is None
+    sparsifier.set_threshold(threshold)
+    assert torch.equal(sparsifier.threshold, threshold)
+    assert make("relu_topk", k=3).calibrated_threshold(iter(batches)) is None
+
+
 def test_batch_topk_inference_uses_threshold() -> None:
     sparsifier = make("batch_topk", k=3).eval()
     sparsifier.threshold.copy_(torch.tensor([0.2, 0.5, 1.0]))
