@@ -21,7 +21,10 @@ Design decisions:
   (ceil without `drop_last`), every rank stops at the smallest rank total, and the tokens
   beyond it are dropped for that epoch (different tokens each epoch, as the order changes).
   A shard whose token count differs from the manifest raises `CacheError` instead of
-  silently shortening one rank.
+  silently shortening one rank. The count is the same in every epoch (shuffled, a worker
+  counts on the smallest shards it could be given), since Lightning reads `len()` once.
+  Online, a rank replaces each unreadable image it skips by another of its readable
+  images (`OnlineTokenStream.rows_of_every_image`), so skipping never shortens a rank.
 - Memory per cache worker is about (buffer_shards + 1) x shard size in the stored dtype
   (the buffer keeps the stored dtype; only the batch is converted to float32), plus one
   float32 batch. Batches are fresh tensors that own their storage, so a worker never sends
@@ -393,16 +396,33 @@ class CachedTokenStream(IterableDataset):
         )  # fmt: skip
 
     def quotas(self, epoch: int | None = None) -> list[list[int]]:
-        """Batches per [rank][worker] for an epoch (default: the current one)."""
-        epoch = self.epoch if epoch is None else epoch
-        tokens = [
-            [
-                self.rows_per_image
-                * sum(self.shard_image_counts[s] for s in self.shards(epoch, rank, worker))
-                for worker in range(max(1, self.num_workers))
-            ]
-            for rank in range(self.world_size)
-        ]
+        """Batches per [rank][worker], the same in every epoch.
+
+        Shuffled, a (rank, worker) reads a different set of shards each epoch, and when
+        shards differ in size (the last one, skipped images) so does its token count; its
+        capacity is therefore taken as the worst case over all epochs, the tokens of the
+        smallest shards it could be given (it always gets the same number of shards). So
+        `len()` holds in every epoch, which Lightning reads once. In stored order
+        (validation) the capacity is exact.
+
+        Args:
+            epoch: Unused in shuffled order (kept for callers); the stored order has one.
+        """
+        n_workers = max(1, self.num_workers)
+        n_streams = self.world_size * n_workers
+        smallest_first = sorted(self.shard_image_counts)
+        tokens = []
+        for rank in range(self.world_size):
+            rank_tokens = []
+            for worker in range(n_workers):
+                if self.shuffle:
+                    n_own = len(range(rank * n_workers + worker, len(smallest_first), n_streams))
+                    images = sum(smallest_first[:n_own])
+                else:
+                    shards = self.shards(0, rank, worker)
+                    images = sum(self.shard_image_counts[s] for s in shards)
+                rank_tokens.append(self.rows_per_image * images)
+            tokens.append(rank_tokens)
         return batch_quotas(tokens, self.batch_size, self.drop_last, self.max_batches)
 
     def __len__(self) -> int:
@@ -569,7 +589,7 @@ class OnlineTokenStream(IterableDataset):
         ids = assign_images(
             len(self.images), self.seed, self.epoch, self.world_size, self.rank, self.shuffle
         )
-        chunks = self.image_rows(ids)
+        chunks = self.rows_of_every_image(ids)
         if self.shuffle:
             max_rows = self.image_batch * self.rows_per_image
             capacity = max(self.buffer_tokens, max_rows + self.batch_size)
@@ -580,6 +600,44 @@ class OnlineTokenStream(IterableDataset):
         else:
             batches = ordered_batches(chunks, self.batch_size, self.drop_last)
         yield from _take_quota(batches, self.quota(), f"online stream rank {self.rank}")
+
+    def rows_of_every_image(self, ids: Sequence[int]) -> Iterator[Rows]:
+        """`image_rows(ids)`, then as many readable images again as were unreadable.
+
+        The rank's batch count (`quota`) is fixed from the number of its images before any
+        is decoded; an unreadable image skipped under `skip_bad_images` would leave the
+        rank short of batches while the others wait for it in the gradient all-reduce
+        (a hang on NCCL). Each skipped image is therefore replaced by the next readable one
+        of `ids`, from the start, cyclically: the rank yields the tokens of exactly
+        len(ids) images, some twice in that epoch (logged).
+
+        Raises:
+            UnreadableImageError: None of `ids` is readable (nothing could replace them).
+        """
+        readable = 0
+        for rows in self.image_rows(ids):
+            readable += len(rows["token"]) // self.rows_per_image
+            yield rows
+        missing = len(ids) - readable
+        if missing <= 0:
+            return
+        log.warning(
+            "rank %d: %d of %d images were unreadable; training on %d of its readable images "
+            "twice this epoch so that every rank yields the same number of batches",
+            self.rank, missing, len(ids), missing,
+        )  # fmt: skip
+        if readable == 0:
+            raise UnreadableImageError(
+                f"none of the {len(ids)} images of rank {self.rank} is readable "
+                "(data.on_bad_image=skip): check the dataset folder"
+            )
+        while missing > 0:  # ends: at least one image of ids is readable
+            for rows in self.image_rows(ids):
+                take = min(missing * self.rows_per_image, len(rows["token"]))
+                yield {key: value[:take] for key, value in rows.items()}
+                missing -= take // self.rows_per_image
+                if missing <= 0:
+                    return
 
     def image_rows(
         self, ids: Sequence[int], token_filter: TokenFilter | None = None

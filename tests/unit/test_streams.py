@@ -317,3 +317,84 @@ def test_cached_stream_buffer_reads_shards_lazily():
     first = next(iter(stream))
     assert len(cache.loads) == 2  # only the buffer's two shards were read for the first batch
     assert np.isin(first["image"].numpy() // 100, cache.loads).all()
+
+
+# ------------------------------------------------------- equal batches per rank (issue 11.2)
+class _Images(torch.utils.data.Dataset):
+    """8 tiny 'images' (image i is filled with i); the ids in `bad` do not decode."""
+
+    def __init__(self, n: int = 8, bad: tuple[int, ...] = (5,)) -> None:
+        self.n, self.bad = n, bad
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        from clt_lightning.errors import UnreadableImageError
+
+        if i in self.bad:
+            raise UnreadableImageError(f"image {i} does not decode")
+        return torch.full((3, 2, 2), float(i)), 0
+
+
+def _capture(images: torch.Tensor):
+    """A stand-in teacher: x = the image's value everywhere, y = 2x; T = TOKENS."""
+    from types import SimpleNamespace
+
+    x = images[:, :1, :1, :1].reshape(-1, 1, 1, 1).expand(-1, TOKENS, N_LAYERS, D_MODEL)
+    return SimpleNamespace(x=x.clone(), y=2 * x)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("shuffle", [True, False])
+@pytest.mark.parametrize("bad", [(5,), (0, 3, 5), ()])
+def test_online_ranks_yield_their_length_whatever_images_are_skipped(num_workers, shuffle, bad):
+    """2 ranks, 8 images, some unreadable, batches of about one image: each rank yields
+    exactly len(stream) batches, full ones in training (rank 1 used to yield 3 of 4)."""
+    from clt_lightning.data.streams import OnlineTokenStream
+
+    counts = []
+    for rank in range(2):
+        stream = OnlineTokenStream(
+            _capture, _Images(bad=bad), TOKENS, "cpu", batch_size=TOKENS + 1, image_batch=2,
+            buffer_tokens=64, shuffle=shuffle, world_size=2, rank=rank,
+            num_workers=num_workers, skip_bad_images=True, drop_last=shuffle,
+        )  # fmt: skip
+        for epoch in range(3):
+            stream.set_epoch(epoch)
+            batches = list(stream)
+            assert len(batches) == len(stream) == 4 * TOKENS // (TOKENS + 1) + (not shuffle)
+            images = {int(i) for b in batches for i in b["image"].tolist()}
+            assert not images & set(bad)  # replaced by readable images, never made up
+            for b in batches:  # each row is its image's own activation
+                assert torch.equal(b["x"][:, 0, 0], b["image"].float())
+            counts.append(len(batches))
+    assert len(set(counts)) == 1
+
+
+def test_online_rank_without_readable_images_says_so():
+    from clt_lightning.data.streams import OnlineTokenStream
+    from clt_lightning.errors import UnreadableImageError
+
+    stream = OnlineTokenStream(_capture, _Images(n=4, bad=(1, 3)), TOKENS, "cpu",
+                               batch_size=TOKENS, world_size=2, rank=1, shuffle=False,
+                               skip_bad_images=True)  # fmt: skip
+    with pytest.raises(UnreadableImageError, match="none of the 2 images of rank 1"):
+        list(stream)
+
+
+@pytest.mark.parametrize(("num_workers", "batch_size"), [(0, 10), (2, 5)])
+def test_cached_stream_length_holds_in_every_epoch(num_workers, batch_size):
+    """Unequal shards (1-4 images): the batch count per rank used to change with the
+    epoch's shard order ([4, 3, 3, 4, 4, 3] here) while Lightning reads len() once; now
+    every epoch yields exactly len(stream) on every rank."""
+    cache = FakeCache([1, 3, 4, 3, 2, 4])
+    streams = [CachedTokenStream(cache, batch_size, world_size=2, rank=rank, num_workers=num_workers)
+               for rank in range(2)]  # fmt: skip
+    promised = [len(stream) for stream in streams]
+    assert promised[0] == promised[1] > 0
+    for epoch in range(6):
+        for stream in streams:
+            stream.set_epoch(epoch)
+            loader = DataLoader(stream, batch_size=None, num_workers=num_workers)
+            assert sum(1 for _ in loader) == promised[0] == len(stream)
