@@ -8,15 +8,22 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from clt_lightning.evaluation.undefined import DASH, is_defined
 from clt_lightning.files import atomic_write_bytes
 
 __all__ = ["atomic_write_bytes", "rows_to_csv", "rows_to_markdown", "write_csv", "write_markdown"]
 
 
 def _fmt(value: Any, digits: int) -> str:
+    if not is_defined(value):
+        return DASH
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
+
+
+def _csv_cell(value: Any) -> Any:
+    return "" if not is_defined(value) else value
 
 
 def rows_to_markdown(rows: Sequence[Mapping[str, Any]], digits: int = 2) -> str:
@@ -24,7 +31,7 @@ def rows_to_markdown(rows: Sequence[Mapping[str, Any]], digits: int = 2) -> str:
 
     Args:
         rows: Rows with the same keys.
-        digits: Decimals for float cells.
+        digits: Decimals for float cells; undefined cells (`Undefined`, None) read "–".
 
     Returns:
         The table, ending with a newline ("" for no rows).
@@ -39,13 +46,14 @@ def rows_to_markdown(rows: Sequence[Mapping[str, Any]], digits: int = 2) -> str:
 
 
 def rows_to_csv(rows: Sequence[Mapping[str, Any]]) -> str:
-    """CSV text (header from the first row's keys, full float precision)."""
+    """CSV text (header from the first row's keys, full float precision; an undefined
+    cell is empty)."""
     if not rows:
         return ""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({key: _csv_cell(value) for key, value in row.items()} for row in rows)
     return buffer.getvalue()
 
 

@@ -17,6 +17,7 @@ Protocol (the paper's exact one is unpublished; see docs/metrics.md, "Ablations"
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,7 @@ from clt_lightning.evaluation.replacement import (
     split_batch,
     token_positions,
 )
+from clt_lightning.evaluation.undefined import Undefined
 from clt_lightning.evaluation.zeroshot import zero_shot_logits
 
 logger = logging.getLogger(__name__)
@@ -64,9 +66,21 @@ def rank_sources(scores: ContributionScores, group: str, target: int) -> list[in
             f"contribution scores have no token group {group!r} (have "
             f"{sorted(scores.scores)}); compute them with that group"
         )
+    column = [float(v) for v in scores.sources(group)[: target + 1, target]]
+    return sorted(range(target + 1), key=lambda s: (math.isnan(column[s]), -column[s], s))
+
+
+def undefined_ranking(scores: ContributionScores, group: str, target: int) -> Undefined | None:
+    """Undefined when no source score of `target` exists (no image of the group has a
+    nonzero reconstruction of that layer, an exact count): the top sources are then
+    arbitrary and the necessity / sufficiency variants undefined; else None."""
     column = scores.sources(group)[: target + 1, target]
-    order = sorted(range(target + 1), key=lambda s: (-float(column[s]), s))
-    return order
+    if bool(torch.isnan(torch.as_tensor(column)).all()):
+        return Undefined(
+            f"no contribution score of layer {target} for {group} tokens (no image has a "
+            "nonzero reconstruction there): the sources cannot be ranked"
+        )
+    return None
 
 
 def source_subsets(ranking: Sequence[int], k: int) -> dict[str, list[int]]:
@@ -239,6 +253,10 @@ def ablate(
     if n_images == 0:
         raise ConfigError("the evaluation set is empty (0 images): ablations need images")
     accuracy = {m: {v: 100.0 * int(totals[(m, v)][0]) / n_images for v in VARIANTS} for m in modes}
+    for mode in modes:
+        undefined = undefined_ranking(scores, mode, target)
+        if undefined is not None:
+            accuracy[mode].update(drop_top1=undefined, keep_topk=undefined)
     return AblationResult(
         target, k, n_images, 100.0 * int(baseline[0]) / n_images, accuracy, subsets
     )

@@ -19,14 +19,19 @@ logits computed from them. The formulas are in docs/metrics.md; in short:
   and the surrogate's per-template accuracies, and the KL averaged over templates.
 
 Design decisions: metrics are pure functions of tensors, computed in float64 on the CPU,
-returning fractions; `FaithfulnessReport.row` converts to the table's units.
+returning fractions; `FaithfulnessReport.row` converts to the table's units. A metric
+without a value for its input returns `Undefined(reason)` (`evaluation.undefined`),
+decided on exact equality or counts before any division: a correlation with a constant
+side (all templates equally accurate), a CKA of a constant representation, a geometry
+Spearman of fewer than 3 images or of pairwise similarities that all tie, a cosine of a
+zero embedding. JSON writes it as null with the reason, tables as "–".
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -36,6 +41,7 @@ from scipy.stats import rankdata
 from torch import Tensor
 
 from clt_lightning.errors import ConfigError
+from clt_lightning.evaluation.undefined import Undefined
 from clt_lightning.evaluation.zeroshot import zero_shot_logits
 
 logger = logging.getLogger(__name__)
@@ -114,18 +120,25 @@ def topk_agreement(teacher_logits: Tensor, surrogate_logits: Tensor, k: int = 5)
     return (shared.double() / k).mean().item()
 
 
-def embedding_cosine(teacher_emb: Tensor, surrogate_emb: Tensor) -> float:
+def embedding_cosine(teacher_emb: Tensor, surrogate_emb: Tensor) -> float | Undefined:
     """Mean over images of cos(e_t, e_s).
 
     Args:
         teacher_emb: [N, E].
         surrogate_emb: [N, E].
+
+    Returns:
+        The mean; Undefined when an embedding is exactly zero (no direction).
     """
     _check_pair(teacher_emb, surrogate_emb, "embeddings")
+    for name, emb in (("teacher", teacher_emb), ("surrogate", surrogate_emb)):
+        zero = (emb == 0).all(dim=-1).nonzero().flatten().tolist()
+        if zero:
+            return Undefined(f"the {name} embedding of image {zero[0]} is exactly zero")
     return F.cosine_similarity(teacher_emb.double(), surrogate_emb.double(), dim=-1).mean().item()
 
 
-def linear_cka(x: Tensor, y: Tensor) -> float:
+def linear_cka(x: Tensor, y: Tensor) -> float | Undefined:
     """Linear CKA (Kornblith et al. 2019) between two representations of the same images.
 
     CKA = ||Y_c^T X_c||_F^2 / (||X_c^T X_c||_F ||Y_c^T Y_c||_F), columns centred.
@@ -135,15 +148,19 @@ def linear_cka(x: Tensor, y: Tensor) -> float:
         y: [N, E2].
 
     Returns:
-        CKA in [0, 1]; NaN when one representation is constant.
+        CKA in [0, 1]; Undefined when one representation is the same for every image
+        (decided by exact equality: centring would leave rounding noise, not zero).
     """
     if x.shape[0] != y.shape[0] or x.shape[0] == 0:
         raise ConfigError(f"CKA needs the same non-zero number of rows, got {x.shape}, {y.shape}")
+    for name, rep_ in (("first", x), ("second", y)):
+        if bool((rep_ == rep_[:1]).all()):
+            return Undefined(f"CKA: the {name} representation is the same for all {len(x)} images")
     x = x.double() - x.double().mean(dim=0)
     y = y.double() - y.double().mean(dim=0)
     cross = torch.linalg.matrix_norm(y.T @ x) ** 2
     norm = torch.linalg.matrix_norm(x.T @ x) * torch.linalg.matrix_norm(y.T @ y)
-    return (cross / norm).item() if norm > 0 else float("nan")
+    return (cross / norm).item()
 
 
 def _rowwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -154,7 +171,7 @@ def _rowwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return (a * b).sum(axis=-1) / denom
 
 
-def spearman_logits(teacher_logits: Tensor, surrogate_logits: Tensor) -> float:
+def spearman_logits(teacher_logits: Tensor, surrogate_logits: Tensor) -> float | Undefined:
     """Mean over images of the Spearman correlation of the two logit vectors.
 
     Args:
@@ -162,12 +179,16 @@ def spearman_logits(teacher_logits: Tensor, surrogate_logits: Tensor) -> float:
         surrogate_logits: [N, C].
 
     Returns:
-        Mean rho over images (ties get average ranks; constant rows are skipped).
+        Mean rho over images (ties get average ranks); images whose logits are all equal
+        in either run are left out; Undefined when that is every image.
     """
     _check_pair(teacher_logits, surrogate_logits, "logits")
     ranks_t = rankdata(teacher_logits.double().cpu().numpy(), axis=-1)
     ranks_s = rankdata(surrogate_logits.double().cpu().numpy(), axis=-1)
-    return float(np.nanmean(_rowwise_pearson(ranks_t, ranks_s)))
+    varies = ~(ranks_t == ranks_t[:, :1]).all(axis=-1) & ~(ranks_s == ranks_s[:, :1]).all(axis=-1)
+    if not varies.any():
+        return Undefined(f"every one of the {len(ranks_t)} images has constant logits")
+    return float(_rowwise_pearson(ranks_t[varies], ranks_s[varies]).mean())
 
 
 def _pair_indices(n: int, max_pairs: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -183,7 +204,7 @@ def _pair_indices(n: int, max_pairs: int, seed: int) -> tuple[np.ndarray, np.nda
 
 def spearman_geometry(
     teacher_emb: Tensor, surrogate_emb: Tensor, max_pairs: int = DEFAULT_MAX_PAIRS, seed: int = 0
-) -> float:
+) -> float | Undefined:
     """Spearman correlation of the pairwise cosine similarities (i < j) of the two runs.
 
     Args:
@@ -194,27 +215,38 @@ def spearman_geometry(
         seed: Seed of that subset.
 
     Returns:
-        Spearman rho; NaN for fewer than 3 images.
+        Spearman rho; Undefined for fewer than 3 images (fewer than 2 pairs) or when
+        every pair has the same similarity in either run (all ranks tie).
     """
     _check_pair(teacher_emb, surrogate_emb, "embeddings")
     n = teacher_emb.shape[0]
     if n < 3:
-        return float("nan")
+        return Undefined(f"geometry Spearman needs at least 3 images, got {n}")
     i, j = _pair_indices(n, max_pairs, seed)
-    sims = []
-    for emb in (teacher_emb, surrogate_emb):
+    ranks = []
+    for name, emb in (("teacher", teacher_emb), ("surrogate", surrogate_emb)):
         unit = F.normalize(emb.double().cpu(), dim=-1).numpy()
-        sims.append(np.einsum("pd,pd->p", unit[i], unit[j]))
-    return float(_rowwise_pearson(rankdata(sims[0]), rankdata(sims[1])))
+        ranks.append(rankdata(np.einsum("pd,pd->p", unit[i], unit[j])))
+        if (ranks[-1] == ranks[-1][0]).all():
+            return Undefined(f"all {len(i)} pairwise {name} similarities are equal")
+    return float(_rowwise_pearson(ranks[0], ranks[1]))
 
 
-def pearson(a: Tensor | np.ndarray, b: Tensor | np.ndarray) -> float:
-    """Pearson correlation of two vectors; NaN (with a warning) when one is constant."""
+def pearson(a: Tensor | np.ndarray, b: Tensor | np.ndarray) -> float | Undefined:
+    """Pearson correlation of two vectors.
+
+    Returns:
+        r; Undefined when a vector has fewer than 2 entries or all its entries are
+        exactly equal (its std would be rounding noise: r = -5.8e-14 for 355/360 on each
+        of 6 templates).
+    """
     a = np.asarray(a, dtype=np.float64).ravel()
     b = np.asarray(b, dtype=np.float64).ravel()
-    if a.std() == 0 or b.std() == 0:
-        logger.warning("Pearson r undefined: a constant vector (%s, %s)", a[:3], b[:3])
-        return float("nan")
+    if len(a) < 2:
+        return Undefined(f"Pearson r needs at least 2 values, got {len(a)}")
+    for name, v in (("first", a), ("second", b)):
+        if (v == v[0]).all():
+            return Undefined(f"Pearson r: the {name} vector is constant ({v[0]!r} x {len(v)})")
     return float(_rowwise_pearson(a, b))
 
 
@@ -224,7 +256,7 @@ def prompt_sensitivity(
     labels: Tensor,
     per_template_classifiers: Tensor,
     logit_scale: Tensor | float,
-) -> tuple[float, float]:
+) -> tuple[float | Undefined, float]:
     """Pearson r of per-template accuracies and the KL averaged over templates.
 
     Args:
@@ -235,14 +267,32 @@ def prompt_sensitivity(
         logit_scale: The model's log temperature.
 
     Returns:
-        (r, mean KL): r between [acc_t(j)]_j and [acc_s(j)]_j; mean_j KL_j.
+        (r, mean KL): r between [acc_t(j)]_j and [acc_s(j)]_j; mean_j KL_j. r is
+        Undefined when either run is correct on the same number of images with every
+        template (decided on those integer counts), or with fewer than 2 templates.
     """
     logits_t = zero_shot_logits(teacher_emb, per_template_classifiers, logit_scale)
     logits_s = zero_shot_logits(surrogate_emb, per_template_classifiers, logit_scale)
-    acc_t = [accuracy(lt, labels) for lt in logits_t]
-    acc_s = [accuracy(ls, labels) for ls in logits_s]
+    labels = labels.to(logits_t.device)
+    correct = {
+        name: [int((lg.argmax(dim=-1) == labels).sum()) for lg in logits]
+        for name, logits in (("teacher", logits_t), ("surrogate", logits_s))
+    }
     kls = [kl_divergence(lt, ls) for lt, ls in zip(logits_t, logits_s, strict=True)]
-    return pearson(acc_t, acc_s), float(np.mean(kls))
+    n, n_templates = int(labels.shape[0]), len(kls)
+    if n_templates < 2:
+        return Undefined(f"prompt r needs at least 2 templates, got {n_templates}"), float(kls[0])
+    for name, counts in correct.items():
+        if len(set(counts)) == 1:
+            reason = (
+                f"the {name}'s per-template accuracies are all equal "
+                f"({counts[0]}/{n} on each of {n_templates} templates)"
+            )
+            return Undefined(reason), float(np.mean(kls))
+    return pearson(correct["teacher"], correct["surrogate"]), float(np.mean(kls))
+
+
+NO_TEMPLATES = Undefined("no per-template classifiers were given")
 
 
 @dataclass
@@ -262,8 +312,12 @@ class FaithfulnessReport:
         cka: Linear CKA of the embeddings.
         spearman: Spearman rho of the pairwise image similarities (the table's "Spear.").
         spearman_logits: Mean per-image Spearman rho of the logit vectors.
-        prompt_r: Pearson r of per-template accuracies (NaN without templates).
-        prompt_kl: KL averaged over templates (NaN without templates).
+        prompt_r: Pearson r of per-template accuracies (Undefined without templates or
+            when a run's per-template accuracies are all equal).
+        prompt_kl: KL averaged over templates (Undefined without templates).
+
+    `cosine`, `cka`, `spearman` and `spearman_logits` may also be `Undefined` (see the
+    module docstring).
     """
 
     n_images: int
@@ -274,12 +328,12 @@ class FaithfulnessReport:
     kl: float
     top1_agreement: float
     top5_agreement: float
-    cosine: float
-    cka: float
-    spearman: float
-    spearman_logits: float
-    prompt_r: float = float("nan")
-    prompt_kl: float = float("nan")
+    cosine: float | Undefined
+    cka: float | Undefined
+    spearman: float | Undefined
+    spearman_logits: float | Undefined
+    prompt_r: float | Undefined = NO_TEMPLATES
+    prompt_kl: float | Undefined = NO_TEMPLATES
 
     def row(self, label: str) -> dict[str, Any]:
         """The paper's Table 5 row: ΔAcc in points, Flip/Top-1/Top-5 in %, the rest raw."""
@@ -297,9 +351,9 @@ class FaithfulnessReport:
             "KL (prompts)": self.prompt_kl,
         }
 
-    def to_dict(self) -> dict[str, float]:
-        """All fields, JSON-able."""
-        return asdict(self)
+    def to_dict(self) -> dict[str, float | Undefined]:
+        """All fields (write with `undefined.write_json`: Undefined becomes null)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @torch.no_grad()
@@ -331,7 +385,7 @@ def faithfulness(
     lt = zero_shot_logits(teacher_emb, classifier, logit_scale).cpu()
     ls = zero_shot_logits(surrogate_emb, classifier, logit_scale).cpu()
     flips = flip_rate(lt, ls)
-    prompt = (float("nan"), float("nan"))
+    prompt: tuple[float | Undefined, float | Undefined] = (NO_TEMPLATES, NO_TEMPLATES)
     if per_template_classifiers is not None:
         prompt = prompt_sensitivity(
             teacher_emb, surrogate_emb, labels, per_template_classifiers, logit_scale

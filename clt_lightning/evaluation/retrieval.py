@@ -28,6 +28,7 @@ corpus of descriptors. The index folder holds ``layer_XX.faiss``,
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -87,6 +88,7 @@ from clt_lightning.evaluation.retrieval_search import (
     _raise_mismatch,
     provenance_problems,
 )
+from clt_lightning.evaluation.undefined import Undefined, write_json
 
 log = logging.getLogger(__name__)
 
@@ -324,6 +326,12 @@ def query_image(
 # ----------------------------------------------------------------------------- reports
 
 
+UNDEFINED_SCORE = Undefined(
+    "the similarity is not a number: the query's or the neighbour's descriptor has no "
+    "active latent in this layer (a zero vector has no cosine)"
+)
+
+
 def neighbours_to_json(
     neighbours: Sequence[LayerNeighbours],
     corpus: Any,
@@ -362,7 +370,7 @@ def neighbours_to_json(
                     "image_id": int(image_id),
                     "label": int(label),
                     "class": class_names[label] if 0 <= label < len(class_names) else str(label),
-                    "score": float(score),
+                    "score": float(score) if math.isfinite(score) else UNDEFINED_SCORE,
                     "description": corpus.describe_image(int(image_id))
                     if hasattr(corpus, "describe_image")
                     else None,
@@ -482,7 +490,7 @@ def build_and_query(
         clt_fingerprint=index.manifest["clt_fingerprint"],
     )
     json_path = output_dir / f"{stem}.json"
-    _write_json_atomic(json_path, record)
+    write_json(json_path, record)  # an undefined score: null with its reason
     title = (
         f"Layer-wise retrieval on CLT codes ({_AGGREGATION_WORDS[aggregation]}, {similarity})"
         f"\nquery: {query.record['description']}"

@@ -459,7 +459,8 @@ def _fsync_replace(temp: Path, final: Path) -> None:
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
-    atomic_write_bytes(path, (json.dumps(payload, indent=1) + "\n").encode("utf-8"))
+    text = json.dumps(payload, indent=1, allow_nan=False) + "\n"  # NaN is not JSON
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _sha256_file(path: Path) -> str:

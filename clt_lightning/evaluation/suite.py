@@ -18,7 +18,6 @@ holds a complete evaluation (`experiments/tables.py` relies on that).
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +29,8 @@ from tqdm.auto import tqdm
 
 from clt_lightning.errors import ConfigError
 from clt_lightning.evaluation import ablations, contributions, faithfulness, replacement, zeroshot
-from clt_lightning.evaluation._io import atomic_write_bytes, write_csv, write_markdown
+from clt_lightning.evaluation._io import write_csv, write_markdown
+from clt_lightning.evaluation.undefined import Undefined, nan_to_undefined, write_json
 from clt_lightning.metrics import ReconstructionMetrics
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,11 @@ def evaluation_images(dataset: Dataset, n_images: int | None, seed: int) -> Data
 
 
 def _write_json(path: Path, payload: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode())
+    """JSON with undefined values as null + reason; NaN is refused (`undefined.write_json`)."""
+    write_json(path, payload)
+
+
+CONTRIBUTION_UNDEFINED = "no image of this token group has a nonzero reconstruction of the target"
 
 
 def reconstruction_metrics(teacher: Any, clt: Any, loader: DataLoader) -> dict[str, dict]:
@@ -124,7 +128,19 @@ def reconstruction_metrics(teacher: Any, clt: Any, loader: DataLoader) -> dict[s
         metrics["all"].update(out.y_hat, y, l0)
         metrics["cls"].update(out.y_hat[is_cls], y[is_cls], l0[is_cls])
         metrics["patches"].update(out.y_hat[~is_cls], y[~is_cls], l0[~is_cls])
-    return {g: {k: v.tolist() for k, v in m.compute().items()} for g, m in metrics.items()}
+    return {g: _defined_reconstruction(m) for g, m in metrics.items()}
+
+
+def _defined_reconstruction(metric: ReconstructionMetrics) -> dict[str, list]:
+    """Per-layer lists of `metric.compute()`, Undefined where the token count says so:
+    every metric with 0 tokens of the group, R^2 (a variance) with fewer than 2."""
+    n = int(metric.count)
+    values = {k: v.tolist() for k, v in metric.compute().items()}
+    for name, per_layer in values.items():
+        if n == 0 or (name == "r2" and n < 2):
+            reason = f"{name} needs {'2 tokens' if name == 'r2' else 'a token'}, the group has {n}"
+            values[name] = [Undefined(reason)] * len(per_layer)
+    return values
 
 
 def _cascade_payload(result: replacement.CascadeResult) -> dict[str, Any]:
@@ -254,7 +270,9 @@ def run_suite(
     payloads["faithfulness"] = {"rows": _faithfulness_rows(reports, windows, L)}
     log.info("contribution scores")
     scores = contributions.contribution_scores(teacher, clt, loader, progress=True)
-    payloads["contributions"] = {g: s.tolist() for g, s in scores.scores.items()}
+    payloads["contributions"] = {
+        g: nan_to_undefined(s.tolist(), CONTRIBUTION_UNDEFINED) for g, s in scores.scores.items()
+    }
     log.info("necessity / sufficiency ablations")
     ablation = ablations.ablate(
         teacher,

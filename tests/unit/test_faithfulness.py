@@ -13,6 +13,7 @@ from scipy.stats import pearsonr, spearmanr
 from clt_lightning.errors import ConfigError
 from clt_lightning.evaluation import faithfulness as fm
 from clt_lightning.evaluation.replacement import CascadeResult
+from clt_lightning.evaluation.undefined import Undefined
 from clt_lightning.evaluation.zeroshot import zero_shot_logits
 
 
@@ -130,11 +131,79 @@ def test_report_matches_functions_and_units():
     ls = zero_shot_logits(surrogate, classifier, 3.0)
     assert report.kl == pytest.approx(fm.kl_divergence(lt, ls))
     assert report.row("x")["ΔAcc"] == pytest.approx(100 * fm.delta_accuracy(lt, ls, labels))
-    assert math.isnan(report.prompt_r) and math.isnan(report.prompt_kl)
+    assert isinstance(report.prompt_r, Undefined) and isinstance(report.prompt_kl, Undefined)
 
 
-def test_pearson_of_constant_is_nan():
-    assert math.isnan(fm.pearson([0.5, 0.5, 0.5], [0.1, 0.2, 0.3]))
+def test_pearson_of_constant_is_undefined():
+    assert isinstance(fm.pearson([0.5, 0.5, 0.5], [0.1, 0.2, 0.3]), Undefined)
+    assert isinstance(fm.pearson([0.2], [0.1]), Undefined)
+    # equal values whose float std is not exactly 0 are still constant
+    values = [355 / 360] * 6
+    assert isinstance(fm.pearson(values, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]), Undefined)
+
+
+def _equal_template_accuracies(n: int = 360, wrong: int = 5, n_templates: int = 6):
+    """The issue's input: teacher and surrogate right on 355/360 images with each of 6
+    templates (every template classifies the same way)."""
+    n_classes = 10
+    labels = torch.arange(n) % n_classes
+    predicted = labels.clone()
+    predicted[:wrong] = (labels[:wrong] + 1) % n_classes
+    teacher = torch.nn.functional.one_hot(predicted, n_classes).double() + 0.01
+    surrogate = teacher * 1.5  # same directions: the same predictions
+    per_template = torch.eye(n_classes, dtype=torch.float64).expand(n_templates, -1, -1)
+    return teacher, surrogate, labels, per_template
+
+
+def test_prompt_r_of_equal_per_template_accuracies_is_undefined_not_zero(tmp_path):
+    """Issue 11.6: r was -5.8e-14 (printed 0.000) and JSON held a bare NaN. Now r is
+    Undefined with a reason naming the exact counts: null in JSON, "–" in tables."""
+    import json
+
+    from clt_lightning.evaluation._io import rows_to_csv, rows_to_markdown
+    from clt_lightning.evaluation.undefined import write_json
+
+    teacher, surrogate, labels, per_template = _equal_template_accuracies()
+    r, kl = fm.prompt_sensitivity(teacher, surrogate, labels, per_template, 1.0)
+    assert isinstance(r, Undefined)
+    assert "355/360 on each of 6 templates" in r.reason
+    assert kl == pytest.approx(fm.kl_divergence(
+        zero_shot_logits(teacher, per_template[0], 1.0),
+        zero_shot_logits(surrogate, per_template[0], 1.0)))  # fmt: skip
+    report = fm.faithfulness(teacher, surrogate, labels, per_template[0], 1.0, per_template)
+    path = write_json(tmp_path / "faithfulness.json", {"rows": [report.to_dict()]})
+    text = path.read_text()
+    assert "NaN" not in text
+    data = json.loads(text)
+    assert data["rows"][0]["prompt_r"] is None
+    assert "355/360" in data["undefined"]["rows[0].prompt_r"]
+    row = report.row("0-11 CLS")
+    assert "| – |" in rows_to_markdown([row], digits=3)
+    assert rows_to_csv([row]).splitlines()[1].split(",")[9] == ""  # the r column
+
+
+def test_json_writer_refuses_nan(tmp_path):
+    from clt_lightning.evaluation.undefined import write_json
+
+    with pytest.raises(ValueError, match=r"rows\[1\].cka is nan"):
+        write_json(tmp_path / "x.json", {"rows": [{"cka": 0.5}, {"cka": float("nan")}]})
+    assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("metric", "args", "needle"),
+    [
+        (fm.linear_cka, (torch.ones(5, 3), torch.randn(5, 3)), "same for all 5 images"),
+        (fm.linear_cka, (torch.randn(1, 3), torch.randn(1, 3)), "same for all 1 images"),
+        (fm.spearman_geometry, (torch.randn(2, 3), torch.randn(2, 3)), "at least 3 images"),
+        (fm.spearman_geometry, (torch.ones(4, 3), torch.randn(4, 3)), "pairwise teacher"),
+        (fm.spearman_logits, (torch.ones(4, 3), torch.randn(4, 3)), "constant logits"),
+        (fm.embedding_cosine, (torch.zeros(2, 3), torch.randn(2, 3)), "exactly zero"),
+    ],
+)
+def test_undefined_cases_of_every_metric(metric, args, needle):
+    value = metric(*args)
+    assert isinstance(value, Undefined) and needle in value.reason
 
 
 def test_bad_inputs():
