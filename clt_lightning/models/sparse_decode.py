@@ -40,11 +40,16 @@ Design decisions:
   FLOP/byte ratio and by how often rows repeat within a batch, not by F / k = 96.
 - The fused encoder (:func:`topk_encode`) computes ``pre_l = x_l W_enc[l] + b_enc[l]`` one
   layer at a time ([B, F] at most), keeps the top k (and the AuxK candidates, see below),
-  and saves only x and the [B, L, k] codes. Its backward rebuilds one layer's [B, F]
-  gradient of ``pre`` from the [B, L, k] gradient of the kept values (TopK passes no
-  gradient to unselected latents, so this is the exact gradient) and multiplies it with
-  ``x_l`` into the recycled ``W_enc`` gradient. The unfused path keeps ``pre``, ``ReLU(pre)``
-  and ``z`` ([B, L, F] each) for the backward and builds two more in it.
+  and saves only x and the [B, L, k] codes. Its backward is sparse too (TopK passes no
+  gradient to unselected latents, so this is the exact gradient): the ``W_enc`` gradient
+  is an index-add of the kept latents' rows ``grad * x_l`` (cost ~ B * k * d per layer,
+  instead of the [d, B] x [B, F] GEMM of a dense ``pre`` gradient, ~ B * d * F), the
+  ``b_enc`` gradient an index-add of ``grad``, and the ``x`` gradient an embedding bag
+  over the kept latents' encoder rows. For the index-add to write contiguous rows,
+  `CrossLayerTranscoder` stores ``W_enc`` [L, d, F] latent-major ([L, F, d] in memory);
+  the gradient (from the recycler) has the parameter's layout, as autograd, AdamW and DDP
+  expect; any other layout gives the same values, more slowly. The unfused path keeps
+  ``pre``, ``ReLU(pre)`` and ``z`` ([B, L, F] each) for the backward and builds two more.
 - AuxK needs the top ``aux_k`` *dead* latents of ``pre``, and "dead" depends on this
   batch: a latent is dead after the batch if it was a candidate (``tokens_since_fired + B
   >= dead_tokens``) and did not fire in it. The fused encoder knows which latents fired
@@ -418,6 +423,13 @@ def _storage_use_count(tensor: Tensor) -> int:
     return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
 
 
+def _dense_layout(tensor: Tensor) -> bool:
+    """Whether ``tensor`` covers its memory without gaps or overlaps, in some dimension
+    order (contiguous, or a permutation of a contiguous tensor such as ``W_enc``)."""
+    order = sorted(range(tensor.dim()), key=lambda dim: -tensor.stride(dim))
+    return tensor.permute(order).is_contiguous()
+
+
 class GradientRecycler:
     """Hands out parameter-shaped gradient tensors that reuse last step's storage (CPU).
 
@@ -474,7 +486,7 @@ class GradientRecycler:
         if (
             not self.enabled
             or weight.device.type != "cpu"
-            or not weight.is_contiguous()
+            or not _dense_layout(weight)
             or torch.compiler.is_compiling()
         ):
             return None
@@ -529,8 +541,9 @@ def topk_encode(
     Equals the unfused ``pre = einsum(x, W_enc) + b_enc; z = topk(pre)`` in value and in
     every gradient (to ``x``, ``W_enc``, ``b_enc``; TopK passes gradient to the kept
     pre-activations only), but never keeps a [B, L, F] tensor: ``pre`` lives one layer
-    at a time in the forward, and the backward rebuilds one layer's [B, F] gradient of
-    ``pre`` from the [B, L, k] gradient of the codes. See the module docstring.
+    at a time in the forward, and the backward adds the [B, L, k] gradient of the codes
+    into the kept latents' rows of the ``W_enc``/``b_enc`` gradients only (no [B, F]
+    gradient, no GEMM). See the module docstring.
 
     Args:
         x: Scaled inputs [B, L, d].
@@ -644,20 +657,48 @@ class _TopKEncode(torch.autograd.Function):
                 ],
                 dim=-1,
             ).to(dtype)
-            n_tokens, n_layers, _ = x.shape
+            n_layers = x.shape[1]
             grad_x = torch.empty_like(x) if need_x else None
             grad_w = GRAD_RECYCLER.empty_like(W_enc) if need_w else None
-            grad_b = W_enc.new_empty(n_layers, W_enc.shape[2]) if need_b else None
+            grad_b = W_enc.new_zeros(n_layers, W_enc.shape[2]) if need_b else None
             for layer in range(n_layers):
-                grad_pre = W_enc.new_zeros(n_tokens, W_enc.shape[2])
-                grad_pre.scatter_add_(1, slots[:, layer], grads[:, layer])
-                if grad_w is not None:
-                    torch.mm(x[:, layer].T.to(dtype), grad_pre, out=grad_w[layer])
-                if grad_b is not None:
-                    torch.sum(grad_pre, dim=0, out=grad_b[layer])
-                if grad_x is not None:
-                    grad_x[:, layer] = (grad_pre @ W_enc[layer].T).to(x.dtype)
+                _encoder_layer_grads(
+                    layer, x, W_enc, slots[:, layer], grads[:, layer], grad_x, grad_w, grad_b
+                )
         return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def _encoder_layer_grads(
+    layer: int,
+    x: Tensor,
+    W_enc: Tensor,
+    slots: Tensor,
+    grads: Tensor,
+    grad_x: Tensor | None,
+    grad_w: Tensor | None,
+    grad_b: Tensor | None,
+) -> None:
+    """One layer's encoder gradients from the kept latents only (cost ~ B * k * d).
+
+    ``d pre[b, slots[b, j]] = grads[b, j]`` and zero elsewhere, so ``d W_enc[l][:, f] =
+    sum_{(b, j): slots[b, j] = f} grads[b, j] * x[b, l]``: the rows ``grads[b, j] *
+    x[b, l]`` are index-added into the latent-major view ``grad_w[l].T`` [F, d] (zeroed
+    first; contiguous rows with `CrossLayerTranscoder`'s latent-major ``W_enc`` layout),
+    ``d b_enc[l]`` is an index-add of ``grads``, and ``d x[b, l] = sum_j grads[b, j] *
+    W_enc[l][:, slots[b, j]]`` an embedding bag over ``W_enc[l].T``. Repeated slots
+    (AuxK padding at index 0 with zero gradient, a latent both kept and AuxK) add up,
+    as in the dense ``scatter_add_``. Shapes: x [B, L, d], W_enc [L, d, F], slots and
+    grads [B, k'] (grads in W_enc's dtype), grad_w like W_enc, grad_b [L, F].
+    """
+    if grad_w is not None:
+        table = grad_w[layer].T
+        table.zero_()
+        _add_weighted_rows(table, slots, grads, x[:, layer].to(W_enc.dtype), ADD_CHUNK_BYTES)
+    if grad_b is not None:
+        grad_b[layer].index_add_(0, slots.reshape(-1), grads.reshape(-1))
+    if grad_x is not None:
+        rows = F.embedding_bag(slots, W_enc[layer].T, per_sample_weights=grads, mode="sum")
+        grad_x[:, layer] = rows.to(x.dtype)
 
 
 def _kept_grad(grad: Tensor, values: Tensor, signed: bool) -> Tensor:

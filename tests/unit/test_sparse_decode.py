@@ -404,6 +404,76 @@ def test_topk_encode_aux_codes_are_the_dead_latents(signed: bool) -> None:
     torch.testing.assert_close(got, want, **TOLERANCES[torch.float64])
 
 
+def _latent_major(W_enc: Tensor) -> Tensor:
+    """The same values stored [L, F, d] in memory (the CLT's own W_enc layout)."""
+    leaf = W_enc.detach().transpose(1, 2).contiguous().transpose(1, 2)
+    return leaf.requires_grad_()
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "latent_major"])
+def test_topk_encode_weight_gradient_is_sparse_and_exact(signed: bool, layout: str) -> None:
+    """The W_enc/b_enc gradients come from the kept latents only: no matmul in the
+    backward (the old path ran a [d, B] x [B, F] GEMM per layer), same values as the
+    unfused dense path, AuxK slots (padding at index 0 repeats latent 0) included."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, W_enc, b_enc = awkward_encoder_inputs(n_tokens=12, n_latents=48)
+    x = x.detach()  # training inputs carry no gradient
+    if layout == "latent_major":
+        W_enc = _latent_major(W_enc)
+    k, aux_k = 5, 7
+    candidates = torch.zeros(3, 48, dtype=torch.bool)
+    candidates[0, :40] = True
+    candidates[1, :2] = True
+    out = sd.topk_encode(x, W_enc, b_enc, k, signed=signed, aux_k=aux_k, aux_candidates=candidates)
+    weights = torch.randn_like(out.values)
+    aux_weights = torch.randn_like(out.aux_values)
+    loss = (out.values * weights).sum() + (out.aux_values * aux_weights).sum()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        got = torch.autograd.grad(loss, [W_enc, b_enc])
+    assert counter.get_total_flops() == 0
+    assert got[0].stride() == W_enc.stride()  # AdamW and DDP see the parameter's layout
+    # Dense reference: the same (token, layer, latent) weights through the unfused pre.
+    z_ref, pre = reference_topk(x, W_enc, b_enc, k, signed)
+    kept = pre if signed else torch.relu(pre)
+    n_dead = (candidates & ~(z_ref != 0).any(dim=0)).sum(-1).clamp(max=aux_k)
+    valid = torch.arange(aux_k) < n_dead[:, None]  # [L, aux_k]; the rest is padding
+    assert valid[0].all() and not valid[2].any()
+    dense = torch.zeros_like(pre).scatter_add(-1, out.indices, weights)
+    dense = dense.scatter_add(-1, out.aux_indices, aux_weights * valid)
+    want = torch.autograd.grad((kept * dense).sum(), [W_enc, b_enc])
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **TOLERANCES[torch.float64])
+
+
+def test_encoder_layer_grads_match_a_naive_loop_with_repeated_slots() -> None:
+    """Repeated latents within a token's slots and across tokens add up (naive loop)."""
+    gen = torch.Generator().manual_seed(3)
+    n_tokens, n_layers, d_model, n_latents = 6, 2, 5, 7
+    x = torch.randn(n_tokens, n_layers, d_model, generator=gen, dtype=torch.float64)
+    W_enc = torch.randn(n_layers, d_model, n_latents, generator=gen, dtype=torch.float64)
+    slots = torch.randint(0, 3, (n_tokens, 4), generator=gen)  # 4 slots over 3 latents
+    grads = torch.randn(n_tokens, 4, generator=gen, dtype=torch.float64)
+    grad_x, grad_w = torch.zeros_like(x), torch.full_like(W_enc, float("nan"))
+    grad_b = torch.zeros(n_layers, n_latents, dtype=torch.float64)
+    sd._encoder_layer_grads(1, x, W_enc, slots, grads, grad_x, grad_w, grad_b)
+    want_w = torch.zeros(d_model, n_latents, dtype=torch.float64)
+    want_b = torch.zeros(n_latents, dtype=torch.float64)
+    want_x = torch.zeros(n_tokens, d_model, dtype=torch.float64)
+    for b in range(n_tokens):
+        for j in range(4):
+            f, g = int(slots[b, j]), float(grads[b, j])
+            want_w[:, f] += g * x[b, 1]
+            want_b[f] += g
+            want_x[b] += g * W_enc[1, :, f]
+    torch.testing.assert_close(grad_w[1], want_w)
+    torch.testing.assert_close(grad_b[1], want_b)
+    torch.testing.assert_close(grad_x[:, 1], want_x)
+    assert torch.isnan(grad_w[0]).all() and not grad_b[0].any()  # other layers untouched
+
+
 def test_topk_encode_bad_shapes() -> None:
     x, W_enc, b_enc = awkward_encoder_inputs()
     with pytest.raises(ValueError, match="W_enc"):
@@ -483,3 +553,16 @@ def test_recycler_reserve_and_clear() -> None:
     assert (recycler.zeros_like(weight) == 0).all()
     recycler.clear()
     assert recycler.nbytes() == 0
+
+
+def test_recycler_reuses_permuted_dense_weights() -> None:
+    """A latent-major W_enc (a transposed view of contiguous memory) is recycled like a
+    contiguous weight, and its buffers keep the weight's layout."""
+    recycler = sd.GradientRecycler()
+    weight = _latent_major(torch.randn(2, 3, 5))
+    grad = recycler.zeros_like(weight)
+    assert grad.stride() == weight.stride() and not grad.any()
+    assert recycler.nbytes() == weight.nbytes
+    gapped = torch.randn(4, 6)[:, ::2]  # not dense: never recycled
+    assert recycler.empty_like(gapped).shape == gapped.shape
+    assert recycler.nbytes() == weight.nbytes
