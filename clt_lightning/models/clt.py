@@ -175,10 +175,7 @@ class CrossLayerTranscoder(nn.Module):
         self.decode_mode = decode
         self.sparsifier_config = sparsifier or SparsifierConfig()
         self.sparsifier = build_sparsifier(self.sparsifier_config, n_layers, n_latents)
-        # Shape [L, d, F], stored latent-major ([L, F, d] in memory): each latent's
-        # encoder row is contiguous, so the fused TopK encoder's backward index-adds the
-        # kept latents' gradient rows (see sparse_decode._encoder_layer_grads).
-        self.W_enc = nn.Parameter(torch.empty(n_layers, n_latents, d_model).transpose(1, 2))
+        self.W_enc = nn.Parameter(torch.empty(n_layers, d_model, n_latents))
         self.b_enc = nn.Parameter(torch.empty(n_layers, n_latents))
         self.W_dec = nn.ParameterList(
             [nn.Parameter(torch.empty(n_latents, n_layers - s, d_model)) for s in range(n_layers)]

@@ -40,16 +40,17 @@ Design decisions:
   FLOP/byte ratio and by how often rows repeat within a batch, not by F / k = 96.
 - The fused encoder (:func:`topk_encode`) computes ``pre_l = x_l W_enc[l] + b_enc[l]`` one
   layer at a time ([B, F] at most), keeps the top k (and the AuxK candidates, see below),
-  and saves only x and the [B, L, k] codes. Its backward is sparse too (TopK passes no
-  gradient to unselected latents, so this is the exact gradient): the ``W_enc`` gradient
-  is an index-add of the kept latents' rows ``grad * x_l`` (cost ~ B * k * d per layer,
-  instead of the [d, B] x [B, F] GEMM of a dense ``pre`` gradient, ~ B * d * F), the
-  ``b_enc`` gradient an index-add of ``grad``, and the ``x`` gradient an embedding bag
-  over the kept latents' encoder rows. For the index-add to write contiguous rows,
-  `CrossLayerTranscoder` stores ``W_enc`` [L, d, F] latent-major ([L, F, d] in memory);
-  the gradient (from the recycler) has the parameter's layout, as autograd, AdamW and DDP
-  expect; any other layout gives the same values, more slowly. The unfused path keeps
-  ``pre``, ``ReLU(pre)`` and ``z`` ([B, L, F] each) for the backward and builds two more.
+  and saves only x and the [B, L, k] codes. Its backward touches the kept latents only
+  (TopK passes no gradient to unselected latents, so this is the exact gradient): the
+  ``b_enc`` gradient is an index-add, the ``x`` gradient a column gather, and from
+  :data:`SPARSE_ENCODER_GRAD_MIN_TOKENS` tokens on the ``W_enc`` gradient an index-add
+  of the kept latents' rows ``grad * x_l`` (cost ~ B * k * d per layer) into a
+  latent-major scratch, copied transposed into the [d, F] gradient; smaller batches use
+  one [d, B] x [B, F] GEMM (cost ~ B * d * F), faster there on the CPU because the
+  transposed copy is a fixed cost. (A latent-major ``W_enc`` parameter would avoid the
+  copy, but the CPU fused AdamW copies non-contiguous parameters, measured 9x slower.)
+  The unfused path keeps ``pre``, ``ReLU(pre)`` and ``z`` ([B, L, F] each) for the
+  backward and builds two more in it.
 - AuxK needs the top ``aux_k`` *dead* latents of ``pre``, and "dead" depends on this
   batch: a latent is dead after the batch if it was a candidate (``tokens_since_fired + B
   >= dead_tokens``) and did not fire in it. The fused encoder knows which latents fired
@@ -423,13 +424,6 @@ def _storage_use_count(tensor: Tensor) -> int:
     return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
 
 
-def _dense_layout(tensor: Tensor) -> bool:
-    """Whether ``tensor`` covers its memory without gaps or overlaps, in some dimension
-    order (contiguous, or a permutation of a contiguous tensor such as ``W_enc``)."""
-    order = sorted(range(tensor.dim()), key=lambda dim: -tensor.stride(dim))
-    return tensor.permute(order).is_contiguous()
-
-
 class GradientRecycler:
     """Hands out parameter-shaped gradient tensors that reuse last step's storage (CPU).
 
@@ -486,7 +480,7 @@ class GradientRecycler:
         if (
             not self.enabled
             or weight.device.type != "cpu"
-            or not _dense_layout(weight)
+            or not weight.is_contiguous()
             or torch.compiler.is_compiling()
         ):
             return None
@@ -542,8 +536,8 @@ def topk_encode(
     every gradient (to ``x``, ``W_enc``, ``b_enc``; TopK passes gradient to the kept
     pre-activations only), but never keeps a [B, L, F] tensor: ``pre`` lives one layer
     at a time in the forward, and the backward adds the [B, L, k] gradient of the codes
-    into the kept latents' rows of the ``W_enc``/``b_enc`` gradients only (no [B, F]
-    gradient, no GEMM). See the module docstring.
+    into the kept latents' entries of the ``W_enc``/``b_enc`` gradients (no GEMM from
+    :data:`SPARSE_ENCODER_GRAD_MIN_TOKENS` tokens on). See the module docstring.
 
     Args:
         x: Scaled inputs [B, L, d].
@@ -668,6 +662,14 @@ class _TopKEncode(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
+SPARSE_ENCODER_GRAD_MIN_TOKENS = 256
+"""Batches of at least this many tokens take the sparse ``W_enc`` gradient; smaller ones
+the dense GEMM. Measured on the project's CPU (one thread, L=12, d=768, F=12,288, k=128):
+per layer the GEMM takes ~35 ms at 128 tokens and grows with the batch (~1.1 s at
+4,096), the sparse path ~50 ms at 128 tokens (most of it the fixed [F, d] -> [d, F]
+transposed copy) and ~0.3 s at 4,096; they cross near 200 tokens."""
+
+
 def _encoder_layer_grads(
     layer: int,
     x: Tensor,
@@ -678,27 +680,40 @@ def _encoder_layer_grads(
     grad_w: Tensor | None,
     grad_b: Tensor | None,
 ) -> None:
-    """One layer's encoder gradients from the kept latents only (cost ~ B * k * d).
+    """One layer's encoder gradients from the kept latents only.
 
-    ``d pre[b, slots[b, j]] = grads[b, j]`` and zero elsewhere, so ``d W_enc[l][:, f] =
-    sum_{(b, j): slots[b, j] = f} grads[b, j] * x[b, l]``: the rows ``grads[b, j] *
-    x[b, l]`` are index-added into the latent-major view ``grad_w[l].T`` [F, d] (zeroed
-    first; contiguous rows with `CrossLayerTranscoder`'s latent-major ``W_enc`` layout),
-    ``d b_enc[l]`` is an index-add of ``grads``, and ``d x[b, l] = sum_j grads[b, j] *
-    W_enc[l][:, slots[b, j]]`` an embedding bag over ``W_enc[l].T``. Repeated slots
-    (AuxK padding at index 0 with zero gradient, a latent both kept and AuxK) add up,
-    as in the dense ``scatter_add_``. Shapes: x [B, L, d], W_enc [L, d, F], slots and
-    grads [B, k'] (grads in W_enc's dtype), grad_w like W_enc, grad_b [L, F].
+    ``d pre[b, slots[b, j]] = grads[b, j]`` and zero elsewhere (repeated slots add up:
+    AuxK padding at index 0 with zero gradient, a latent both kept and AuxK), so:
+
+    - ``d W_enc[l][:, f] = sum_{(b, j): slots[b, j] = f} grads[b, j] * x[b, l]``: from
+      :data:`SPARSE_ENCODER_GRAD_MIN_TOKENS` tokens on, the rows ``grads[b, j] * x[b, l]``
+      are index-added into a zeroed latent-major [F, d] scratch (contiguous rows; cost ~
+      B * k * d) that is then copied, transposed, into ``grad_w[l]`` [d, F] (one pass over
+      the gradient, which AdamW needs dense anyway); below it, one GEMM ``x_l^T @ d pre``
+      (cost ~ B * d * F) from a [B, F] ``d pre`` is faster.
+    - ``d b_enc[l]``: an index-add of ``grads`` (cost ~ B * k).
+    - ``d x[b, l] = sum_j grads[b, j] * W_enc[l][:, slots[b, j]]``: a column gather.
+
+    Shapes: x [B, L, d], W_enc [L, d, F], slots and grads [B, k'] (grads in W_enc's
+    dtype), grad_x like x, grad_w like W_enc, grad_b [L, F] zeroed.
     """
-    if grad_w is not None:
-        table = grad_w[layer].T
-        table.zero_()
-        _add_weighted_rows(table, slots, grads, x[:, layer].to(W_enc.dtype), ADD_CHUNK_BYTES)
+    n_tokens = x.shape[0]
+    if grad_w is not None and n_tokens >= SPARSE_ENCODER_GRAD_MIN_TOKENS:
+        scratch = W_enc.new_zeros(W_enc.shape[2], W_enc.shape[1])
+        _add_weighted_rows(scratch, slots, grads, x[:, layer].to(W_enc.dtype), ADD_CHUNK_BYTES)
+        grad_w[layer].copy_(scratch.T)
+    elif grad_w is not None:
+        grad_pre = W_enc.new_zeros(n_tokens, W_enc.shape[2])
+        grad_pre.scatter_add_(1, slots, grads)
+        torch.mm(x[:, layer].T.to(W_enc.dtype), grad_pre, out=grad_w[layer])
     if grad_b is not None:
         grad_b[layer].index_add_(0, slots.reshape(-1), grads.reshape(-1))
     if grad_x is not None:
-        rows = F.embedding_bag(slots, W_enc[layer].T, per_sample_weights=grads, mode="sum")
-        grad_x[:, layer] = rows.to(x.dtype)
+        step = max(1, ADD_CHUNK_BYTES // max(1, slots.shape[1] * W_enc.shape[1] * 4))
+        for start in range(0, n_tokens, step):
+            idx, g = slots[start : start + step], grads[start : start + step]
+            columns = W_enc[layer].index_select(1, idx.reshape(-1)).view(-1, *idx.shape)
+            grad_x[start : start + step, layer] = torch.einsum("dbk,bk->bd", columns, g).to(x.dtype)
 
 
 def _kept_grad(grad: Tensor, values: Tensor, signed: bool) -> Tensor:

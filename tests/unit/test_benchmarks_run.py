@@ -61,3 +61,38 @@ def test_report_names_errors_and_machine() -> None:
     assert "**Failed or missing**: retrieval" in report
     assert info["cpu"] in report and info["torch"] in report
     assert "| train_step_relu_topk_sparse | 35 | 3.50x |" in report
+
+
+def test_only_reruns_named_benchmarks_and_keeps_the_others(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """A full run stores every benchmark's rows next to the report; `--only b` replaces
+    b's rows and re-renders the whole report from the store, each section dated."""
+    calls: list[tuple[str, float]] = []
+    value = {"a": 1.0, "b": 2.0}
+
+    def fake_run_one(name: str, timeout: float, log_dir) -> dict:
+        calls.append((name, timeout))
+        return {"rows": [{"name": f"{name}_row", "speed": value[name]}], "wall_seconds": 1.0}
+
+    revision = {"git": "rev1"}
+    real_info = bench_run.machine_info()
+    monkeypatch.setattr(bench_run, "BENCHMARKS", ("a", "b"))
+    monkeypatch.setattr(bench_run, "_run_one", fake_run_one)
+    monkeypatch.setattr(bench_run, "machine_info", lambda: {**real_info, **revision})
+    monkeypatch.setitem(bench_run.BUDGET_S, "a", 11)
+    out = tmp_path / "bench.md"
+    assert bench_run.main(["--out", str(out)]) == 0
+    assert calls == [("a", 11), ("b", bench_run.DEFAULT_BUDGET_S)]
+    value["a"], value["b"], revision["git"] = 10.0, 20.0, "rev2"
+    assert bench_run.main(["--only", "b", "--out", str(out)]) == 0
+    assert calls[-1][0] == "b" and len(calls) == 3
+    stored = bench_run.load_store(out.with_suffix(".json"))
+    assert stored["a"]["rows"][0]["speed"] == 1.0  # kept from the first run
+    assert stored["b"]["rows"][0]["speed"] == 20.0  # re-run
+    report = out.read_text()
+    assert "| a_row | 1 |" in report and "| b_row | 20 |" in report
+    assert report.index("at git rev1") < report.index("at git rev2")  # per section
+    (tmp_path / "bench.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit, match="not a benchmark store"):
+        bench_run.main(["--only", "b", "--out", str(out)])

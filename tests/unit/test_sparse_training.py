@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from clt_lightning.models import clt as clt_module
+from clt_lightning.models import sparse_decode
 from clt_lightning.models.sparsifiers import SparsifierConfig
 from clt_lightning.module import CLTModule
 
@@ -69,9 +70,14 @@ def train_step(module: CLTModule, optimizer: torch.optim.Optimizer, batch: dict)
     return {"loss": loss.detach(), "terms": values, "encoding": output.encoding, "grads": grads}
 
 
+@pytest.mark.parametrize("min_tokens", [1, 10**9], ids=["sparse_w_enc_grad", "gemm_w_enc_grad"])
 @pytest.mark.parametrize("dead", [False, True], ids=["no_dead", "auxk"])
 @pytest.mark.parametrize("name", ["relu_topk", "abs_topk"])
-def test_sparse_step_equals_dense_step(name: str, dead: bool) -> None:
+def test_sparse_step_equals_dense_step(
+    name: str, dead: bool, min_tokens: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Both W_enc gradient paths of the fused encoder (the batch is 10 tokens).
+    monkeypatch.setattr(sparse_decode, "SPARSE_ENCODER_GRAD_MIN_TOKENS", min_tokens)
     dense = make_module(name, "dense", dead, torch.float64)
     sparse = copy.deepcopy(dense)
     sparse.clt.decode_mode = "sparse"
@@ -214,24 +220,3 @@ def test_compiled_step_equals_eager(decode: str) -> None:
         torch.testing.assert_close(got["loss"], want["loss"], rtol=1e-5, atol=1e-6)
         for key, value in want["grads"].items():
             torch.testing.assert_close(got["grads"][key], value, rtol=1e-5, atol=1e-6, msg=key)
-
-
-def test_w_enc_is_latent_major_through_casts_loads_and_steps() -> None:
-    """W_enc keeps its [L, F, d] memory layout (contiguous rows per latent, which the
-    fused encoder's sparse weight gradient index-adds into) through `.to`, loading a
-    contiguous state dict and a training step; its gradient has the same layout."""
-    module = make_module("relu_topk", "sparse", dead=True, dtype=torch.float64)
-    clt = module.clt
-    latent_major = (D_MODEL * N_LATENTS, 1, D_MODEL)
-    assert clt.W_enc.shape == (N_LAYERS, D_MODEL, N_LATENTS)
-    assert clt.W_enc.stride() == latent_major
-    state = {k: v.contiguous() for k, v in copy.deepcopy(clt.state_dict()).items()}
-    state["W_enc"] = torch.randn(N_LAYERS, D_MODEL, N_LATENTS, dtype=torch.float64)
-    clt.load_state_dict(state)
-    assert clt.W_enc.stride() == latent_major
-    torch.testing.assert_close(clt.W_enc.detach(), state["W_enc"], rtol=0, atol=0)
-    loss, _, _ = module.compute_loss(make_batch(10, torch.float64, seed=1))
-    loss.backward()
-    assert clt.W_enc.grad is not None and clt.W_enc.grad.stride() == latent_major
-    exported = clt.export_tensors()["W_enc_0"]
-    assert exported.is_contiguous() and exported.shape == (N_LATENTS, D_MODEL)
