@@ -16,9 +16,9 @@ first, and measures its peak memory two ways:
   peak of new allocations; activations = total - parameters, gradients and AdamW moments).
 
 Sparse decoding at every batch size; dense decoding only at the batch sizes in
-``DENSE_BATCHES``: a dense step at 2,048 tokens needs ~8 GB of [B, L, F] activations on
-top of the 13.6 GB model and optimizer and ~2.5 minutes, more than the project's shared
-24 GB machine and the suite's budget allow. ``ratio_vs_dense`` = sparse tokens/s over
+``DENSE_BATCHES`` (128 tokens is ``train_step``'s): a dense step at 2,048 tokens needs
+~8 GB of [B, L, F] activations on top of the 13.6 GB model and optimizer and several
+minutes, more than the project's shared 24 GB machine and the suite's budget allow. ``ratio_vs_dense`` = sparse tokens/s over
 dense tokens/s at the same batch size, steps interleaved; medians of ``REPEATS`` steps
 after one warm-up step per batch size and mode.
 """
@@ -39,7 +39,7 @@ from clt_lightning.models.sparse_decode import GRAD_RECYCLER
 from clt_lightning.module import CLTModule
 
 BATCHES, QUICK_BATCHES = (128, 512, 2048), (16, 64)
-DENSE_BATCHES, QUICK_DENSE_BATCHES = (128, 512), (16, 64)
+DENSE_BATCHES, QUICK_DENSE_BATCHES = (512,), (64,)
 REPEATS = 2
 
 

@@ -40,10 +40,22 @@ def step_rows(ratio: float, rel_diff: float) -> list[dict]:
 
 
 def test_targets_follow_the_numbers() -> None:
-    met = bench_run._train_step_targets({"train_step": step_rows(3.2, 0.0)})
-    assert [v.met for v in met] == [True, None]  # abs_topk was not measured
-    assert bench_run._train_step_targets({"train_step": step_rows(2.9, 0.0)})[0].met is False
-    assert bench_run._train_step_targets({"train_step": step_rows(4.0, 1e-3)})[0].met is False
+    met = bench_run._train_step_targets({"train_step": step_rows(5.2, 0.0)})
+    assert [v.met for v in met] == [True, None, None]  # abs_topk, breakdown not measured
+    assert bench_run._train_step_targets({"train_step": step_rows(4.9, 0.0)})[0].met is False
+    assert bench_run._train_step_targets({"train_step": step_rows(6.0, 1e-3)})[0].met is False
+    floors = [{"name": "breakdown_step_full", "ratio_vs_floors": 2.1}]
+    verdict = bench_run._train_step_targets({"train_step": step_rows(6.0, 0.0) + floors})[-1]
+    assert verdict.met is False and "2.10x" in verdict.measured
+    floors[0]["ratio_vs_floors"] = 1.9
+    assert bench_run._train_step_targets({"train_step": floors})[-1].met is True
+    online = {
+        "train_step": step_rows(6.0, 0.0),  # the sparse step consumes 60 tokens/s
+        "online": [{"name": "online_ViT-B-32", "tokens_per_s": 54.0}],
+    }
+    bench_run.annotate(online)
+    (verdict,) = bench_run._online_targets(online)
+    assert verdict.met is False and "0.90x" in verdict.measured
     data = {"train_step": step_rows(4.0, 0.0), "data": [{"name": "d", "tokens_per_s": 250.0}]}
     (verdict,) = bench_run._data_targets(data)
     assert verdict.met is True and "6.25x" in verdict.measured  # 250 / 40 tokens/s
@@ -61,6 +73,7 @@ def test_report_names_errors_and_machine() -> None:
     assert "**Failed or missing**: retrieval" in report
     assert info["cpu"] in report and info["torch"] in report
     assert "| train_step_relu_topk_sparse | 35 | 3.50x |" in report
+    assert "same loss | 3.50x, loss rel. diff 0.0e+00 | **no** |" in report  # short of 5x
 
 
 def test_only_reruns_named_benchmarks_and_keeps_the_others(
