@@ -150,9 +150,9 @@ def decode_traffic(indices: Tensor, W_dec: list[Tensor]) -> dict[str, int]:
     ``min_bytes``: each distinct active row read once (forward) and the dense gradient
     written once (its active rows hold values, the others zeros): the least any
     implementation must move. ``slot_bytes``: what the step moves if every (token, slot)
-    touches its whole row from memory, without reuse in cache: the row read forward, read
-    again for the codes' gradient, and its gradient row read and written, plus the
-    gradient's zeroing.
+    reads its whole row from memory, without reuse in cache, once forward and once for
+    the codes' gradient, plus the gradient written once (the sparse-matrix product
+    writes it in full; there is no separate zeroing pass).
     """
     unique_bytes = slot_row_bytes = 0
     for source, weight in enumerate(W_dec):
@@ -162,7 +162,7 @@ def decode_traffic(indices: Tensor, W_dec: list[Tensor]) -> dict[str, int]:
     grad_bytes = sum(w.numel() * w.element_size() for w in W_dec)
     return {
         "min_bytes": unique_bytes + grad_bytes,
-        "slot_bytes": 4 * slot_row_bytes + grad_bytes,
+        "slot_bytes": 2 * slot_row_bytes + grad_bytes,
         "unique_row_bytes": unique_bytes,
     }
 

@@ -25,8 +25,11 @@ Design decisions:
     table, per_sample_weights=values, mode="sum")``, which never materialises the
     gathered rows. Backward (:class:`_EmbeddingBagDecode`): the signed ``values``
     gradient as per-slot dot products ``<grad_out, row>`` (ATen's embedding-bag kernel),
-    and the table gradient by ``index_add_`` of ``value * grad_out`` into the active
-    rows of a recycled, zeroed gradient, in cache-sized blocks (:data:`ADD_CHUNK_BYTES`).
+    and the table gradient as ``C^T @ grad_out`` with ``C`` the sparse [B, F] code
+    matrix (:func:`sparse_matrix`; MKL's sparse BLAS on the CPU, cuSPARSE on CUDA)
+    written with ``beta=0`` into a recycled gradient, so it needs no zeroing pass (other
+    dtypes than float32/float64: ``index_add_`` of ``value * grad_out`` into a zeroed
+    gradient, in cache-sized blocks, :data:`ADD_CHUNK_BYTES`).
   * ``"gather"``: a custom ``autograd.Function`` (``index_select`` on the flattened table
     + ``bmm``; backward re-gathers the rows and ``index_add_`` s into them). It chunks
     over tokens so the gathered block stays under ``chunk_bytes``: an unchunked
@@ -42,15 +45,11 @@ Design decisions:
   layer at a time ([B, F] at most), keeps the top k (and the AuxK candidates, see below),
   and saves only x and the [B, L, k] codes. Its backward touches the kept latents only
   (TopK passes no gradient to unselected latents, so this is the exact gradient): the
-  ``b_enc`` gradient is an index-add, the ``x`` gradient a column gather, and from
-  :data:`SPARSE_ENCODER_GRAD_MIN_TOKENS` tokens on the ``W_enc`` gradient an index-add
-  of the kept latents' rows ``grad * x_l`` (cost ~ B * k * d per layer) into a
-  latent-major scratch, copied transposed into the [d, F] gradient; smaller batches use
-  one [d, B] x [B, F] GEMM (cost ~ B * d * F), faster there on the CPU because the
-  transposed copy is a fixed cost. (A latent-major ``W_enc`` parameter would avoid the
-  copy, but the CPU fused AdamW copies non-contiguous parameters, measured 9x slower.)
-  The unfused path keeps ``pre``, ``ReLU(pre)`` and ``z`` ([B, L, F] each) for the
-  backward and builds two more in it.
+  ``W_enc`` gradient is ``x_l^T @ G`` with ``G`` the sparse [B, F] matrix of the kept
+  values' gradients (:func:`sparse_matrix`, cost ~ B * k * d per layer instead of the
+  ~ B * d * F of a GEMM with a dense [B, F] gradient of ``pre``), the ``b_enc`` gradient
+  an index-add, the ``x`` gradient a column gather. The unfused path keeps ``pre``,
+  ``ReLU(pre)`` and ``z`` ([B, L, F] each) for the backward and builds two more in it.
 - AuxK needs the top ``aux_k`` *dead* latents of ``pre``, and "dead" depends on this
   batch: a latent is dead after the batch if it was a candidate (``tokens_since_fired + B
   >= dead_tokens``) and did not fire in it. The fused encoder knows which latents fired
@@ -96,6 +95,7 @@ import functools
 import importlib.util
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -341,11 +341,12 @@ class _EmbeddingBagDecode(torch.autograd.Function):
 
     Forward: ``F.embedding_bag`` (never materialises the gathered rows). Backward:
     ``d values[b, j] = <grad_out[b], W[indices[b, j]]>`` with ATen's embedding-bag kernel
-    for per-sample weights, and the decoder gradient by ``index_add_`` of
-    ``values[b, j] * grad_out[b]`` into the active rows of a zeroed gradient that
-    :data:`GRAD_RECYCLER` reuses from the previous step (on the CPU a fresh multi-GB
-    tensor costs page faults; a resident one only a memset). The ``value * grad`` rows
-    are added ``chunk_bytes`` at a time. Shapes: values/indices [B, k], out [B, T d].
+    for per-sample weights, and the decoder gradient ``C^T @ grad_out`` with ``C`` the
+    sparse [B, F] code matrix (:func:`sparse_matrix`), written in full (``beta=0``) into
+    a gradient that :data:`GRAD_RECYCLER` reuses from the previous step (on the CPU a
+    fresh multi-GB tensor costs page faults). Other dtypes than float32/float64:
+    ``index_add_`` of ``values[b, j] * grad_out[b]`` into a zeroed recycled gradient,
+    ``chunk_bytes`` at a time. Shapes: values/indices [B, k], out [B, T d].
     """
 
     @staticmethod
@@ -367,12 +368,42 @@ class _EmbeddingBagDecode(torch.autograd.Function):
         grad_values = grad_weight = None
         if need_values:
             grad_values = _per_slot_dot(grad_out, table, indices).view_as(values)
-        if need_weight:
+        if need_weight and sparse_matmul_supported(weight.dtype):
+            grad_weight = GRAD_RECYCLER.empty_like(weight)  # written in full by addmm
+            n_tokens, k = indices.shape
+            token = torch.arange(n_tokens, device=indices.device).repeat_interleave(k)
+            codes_t = sparse_matrix(
+                indices.reshape(-1), token, values.reshape(-1), (len(table), n_tokens)
+            )
+            out = grad_weight.view(table.shape)
+            torch.addmm(out, codes_t, grad_out.to(weight.dtype), beta=0, out=out)
+        elif need_weight:
             grad_weight = GRAD_RECYCLER.zeros_like(weight)
             _add_weighted_rows(
                 grad_weight.view(table.shape), indices, values, grad_out, ctx.chunk_bytes
             )
         return grad_values, None, grad_weight, None
+
+
+def sparse_matmul_supported(dtype: torch.dtype) -> bool:
+    """Whether the weight gradients use a sparse matrix product (float32/float64)."""
+    return dtype in (torch.float32, torch.float64)
+
+
+def sparse_matrix(rows: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    """The sparse CSR matrix ``M[rows[i], cols[i]] += values[i]`` (duplicates summed).
+
+    Shapes: rows, cols, values [n]; ``M`` is ``shape``. Used as the sparse operand of
+    ``torch.addmm`` (MKL's sparse BLAS on the CPU, cuSPARSE on CUDA), whose cost is
+    ~ n x the dense operand's width, and which writes every entry of its output, so the
+    gradient needs no zeroing pass.
+    """
+    coo = torch.sparse_coo_tensor(
+        torch.stack([rows, cols]), values, shape, check_invariants=False
+    ).coalesce()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return coo.to_sparse_csr()
 
 
 def _per_slot_dot(grad_out: Tensor, table: Tensor, indices: Tensor) -> Tensor:
@@ -535,9 +566,9 @@ def topk_encode(
     Equals the unfused ``pre = einsum(x, W_enc) + b_enc; z = topk(pre)`` in value and in
     every gradient (to ``x``, ``W_enc``, ``b_enc``; TopK passes gradient to the kept
     pre-activations only), but never keeps a [B, L, F] tensor: ``pre`` lives one layer
-    at a time in the forward, and the backward adds the [B, L, k] gradient of the codes
-    into the kept latents' entries of the ``W_enc``/``b_enc`` gradients (no GEMM from
-    :data:`SPARSE_ENCODER_GRAD_MIN_TOKENS` tokens on). See the module docstring.
+    at a time in the forward, and the backward multiplies with the [B, L, k] gradient of
+    the kept codes as a sparse matrix (no [B, F] gradient, no dense GEMM). See the module
+    docstring.
 
     Args:
         x: Scaled inputs [B, L, d].
@@ -662,14 +693,6 @@ class _TopKEncode(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
-SPARSE_ENCODER_GRAD_MIN_TOKENS = 256
-"""Batches of at least this many tokens take the sparse ``W_enc`` gradient; smaller ones
-the dense GEMM. Measured on the project's CPU (one thread, L=12, d=768, F=12,288, k=128):
-per layer the GEMM takes ~35 ms at 128 tokens and grows with the batch (~1.1 s at
-4,096), the sparse path ~50 ms at 128 tokens (most of it the fixed [F, d] -> [d, F]
-transposed copy) and ~0.3 s at 4,096; they cross near 200 tokens."""
-
-
 def _encoder_layer_grads(
     layer: int,
     x: Tensor,
@@ -685,12 +708,10 @@ def _encoder_layer_grads(
     ``d pre[b, slots[b, j]] = grads[b, j]`` and zero elsewhere (repeated slots add up:
     AuxK padding at index 0 with zero gradient, a latent both kept and AuxK), so:
 
-    - ``d W_enc[l][:, f] = sum_{(b, j): slots[b, j] = f} grads[b, j] * x[b, l]``: from
-      :data:`SPARSE_ENCODER_GRAD_MIN_TOKENS` tokens on, the rows ``grads[b, j] * x[b, l]``
-      are index-added into a zeroed latent-major [F, d] scratch (contiguous rows; cost ~
-      B * k * d) that is then copied, transposed, into ``grad_w[l]`` [d, F] (one pass over
-      the gradient, which AdamW needs dense anyway); below it, one GEMM ``x_l^T @ d pre``
-      (cost ~ B * d * F) from a [B, F] ``d pre`` is faster.
+    - ``d W_enc[l] = x_l^T @ G`` with ``G`` [B, F] the sparse matrix of ``grads`` at
+      ``slots`` (:func:`sparse_matrix`): cost ~ B * k * d instead of the ~ B * d * F of a
+      GEMM with a dense [B, F] ``d pre``; ``addmm`` writes the whole [d, F] gradient.
+      (Other dtypes than float32/float64: the dense GEMM.)
     - ``d b_enc[l]``: an index-add of ``grads`` (cost ~ B * k).
     - ``d x[b, l] = sum_j grads[b, j] * W_enc[l][:, slots[b, j]]``: a column gather.
 
@@ -698,14 +719,17 @@ def _encoder_layer_grads(
     dtype), grad_x like x, grad_w like W_enc, grad_b [L, F] zeroed.
     """
     n_tokens = x.shape[0]
-    if grad_w is not None and n_tokens >= SPARSE_ENCODER_GRAD_MIN_TOKENS:
-        scratch = W_enc.new_zeros(W_enc.shape[2], W_enc.shape[1])
-        _add_weighted_rows(scratch, slots, grads, x[:, layer].to(W_enc.dtype), ADD_CHUNK_BYTES)
-        grad_w[layer].copy_(scratch.T)
+    x_t = x[:, layer].T.to(W_enc.dtype)
+    if grad_w is not None and sparse_matmul_supported(W_enc.dtype):
+        token = torch.arange(n_tokens, device=x.device).repeat_interleave(slots.shape[1])
+        codes = sparse_matrix(
+            token, slots.reshape(-1), grads.reshape(-1), (n_tokens, W_enc.shape[2])
+        )
+        torch.addmm(grad_w[layer], x_t, codes, beta=0, out=grad_w[layer])
     elif grad_w is not None:
         grad_pre = W_enc.new_zeros(n_tokens, W_enc.shape[2])
         grad_pre.scatter_add_(1, slots, grads)
-        torch.mm(x[:, layer].T.to(W_enc.dtype), grad_pre, out=grad_w[layer])
+        torch.mm(x_t, grad_pre, out=grad_w[layer])
     if grad_b is not None:
         grad_b[layer].index_add_(0, slots.reshape(-1), grads.reshape(-1))
     if grad_x is not None:

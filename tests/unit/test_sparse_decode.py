@@ -224,7 +224,8 @@ def test_auto_needs_env_var_for_triton(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 class _RecordShapes(TorchDispatchMode):
-    """Records the shape of every tensor an aten op returns."""
+    """Records the shape of every dense (strided) tensor an aten op returns (the sparse
+    code matrices of the weight gradients have the codes' size by design)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -233,7 +234,7 @@ class _RecordShapes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         out = func(*args, **(kwargs or {}))
         for item in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(item, Tensor):
+            if isinstance(item, Tensor) and item.layout == torch.strided:
                 self.shapes.append(tuple(item.shape))
         return out
 
@@ -405,17 +406,11 @@ def test_topk_encode_aux_codes_are_the_dead_latents(signed: bool) -> None:
 
 
 @pytest.mark.parametrize("signed", [False, True])
-@pytest.mark.parametrize("sparse", [True, False])
-def test_topk_encode_weight_gradient_is_sparse_and_exact(
-    signed: bool, sparse: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """From `SPARSE_ENCODER_GRAD_MIN_TOKENS` tokens on, the W_enc/b_enc gradients come from
-    the kept latents only: no matmul in the backward (the old path ran a [d, B] x [B, F]
-    GEMM per layer at every batch size). Both paths equal the unfused dense path, AuxK
-    slots (padding at index 0 repeats latent 0) included."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    monkeypatch.setattr(sd, "SPARSE_ENCODER_GRAD_MIN_TOKENS", 1 if sparse else 10**9)
+def test_topk_encode_weight_gradient_is_sparse_and_exact(signed: bool) -> None:
+    """The W_enc/b_enc gradients come from the kept latents only: no dense [B, F]
+    gradient of pre is built (the old backward built one per layer and multiplied it
+    with x in a GEMM). Values equal the unfused dense path, AuxK slots (padding at index
+    0 repeats latent 0) included."""
     x, W_enc, b_enc = awkward_encoder_inputs(n_tokens=12, n_latents=48)
     x = x.detach()  # training inputs carry no gradient
     k, aux_k = 5, 7
@@ -426,10 +421,9 @@ def test_topk_encode_weight_gradient_is_sparse_and_exact(
     weights = torch.randn_like(out.values)
     aux_weights = torch.randn_like(out.aux_values)
     loss = (out.values * weights).sum() + (out.aux_values * aux_weights).sum()
-    counter = FlopCounterMode(display=False)
-    with counter:
+    with _RecordShapes() as recorder:
         got = torch.autograd.grad(loss, [W_enc, b_enc])
-    assert (counter.get_total_flops() == 0) == sparse
+    assert recorder.shapes and (12, 48) not in recorder.shapes
     # Dense reference: the same (token, layer, latent) weights through the unfused pre.
     z_ref, pre = reference_topk(x, W_enc, b_enc, k, signed)
     kept = pre if signed else torch.relu(pre)
@@ -443,22 +437,21 @@ def test_topk_encode_weight_gradient_is_sparse_and_exact(
         torch.testing.assert_close(g, w, **TOLERANCES[torch.float64])
 
 
-@pytest.mark.parametrize("min_tokens", [1, 10**9])
-def test_encoder_layer_grads_match_a_naive_loop_with_repeated_slots(
-    min_tokens: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_encoder_layer_grads_match_a_naive_loop_with_repeated_slots(dtype: torch.dtype) -> None:
     """Repeated latents within a token's slots and across tokens add up (naive loop),
-    on the sparse and on the GEMM path."""
-    monkeypatch.setattr(sd, "SPARSE_ENCODER_GRAD_MIN_TOKENS", min_tokens)
+    with the sparse product (float64) and with the dense fallback (bfloat16)."""
     gen = torch.Generator().manual_seed(3)
     n_tokens, n_layers, d_model, n_latents = 6, 2, 5, 7
     x = torch.randn(n_tokens, n_layers, d_model, generator=gen, dtype=torch.float64)
     W_enc = torch.randn(n_layers, d_model, n_latents, generator=gen, dtype=torch.float64)
     slots = torch.randint(0, 3, (n_tokens, 4), generator=gen)  # 4 slots over 3 latents
     grads = torch.randn(n_tokens, 4, generator=gen, dtype=torch.float64)
+    x, W_enc, grads = (t.to(dtype) for t in (x, W_enc, grads))
     grad_x, grad_w = torch.zeros_like(x), torch.full_like(W_enc, float("nan"))
-    grad_b = torch.zeros(n_layers, n_latents, dtype=torch.float64)
+    grad_b = torch.zeros(n_layers, n_latents, dtype=dtype)
     sd._encoder_layer_grads(1, x, W_enc, slots, grads, grad_x, grad_w, grad_b)
+    x, W_enc = x.double(), W_enc.double()  # the reference sums the same inputs in float64
     want_w = torch.zeros(d_model, n_latents, dtype=torch.float64)
     want_b = torch.zeros(n_latents, dtype=torch.float64)
     want_x = torch.zeros(n_tokens, d_model, dtype=torch.float64)
@@ -468,9 +461,10 @@ def test_encoder_layer_grads_match_a_naive_loop_with_repeated_slots(
             want_w[:, f] += g * x[b, 1]
             want_b[f] += g
             want_x[b] += g * W_enc[1, :, f]
-    torch.testing.assert_close(grad_w[1], want_w)
-    torch.testing.assert_close(grad_b[1], want_b)
-    torch.testing.assert_close(grad_x[:, 1], want_x)
+    tol = {} if dtype == torch.float64 else {"rtol": 2e-2, "atol": 5e-2}
+    torch.testing.assert_close(grad_w[1].double(), want_w, **tol)
+    torch.testing.assert_close(grad_b[1].double(), want_b, **tol)
+    torch.testing.assert_close(grad_x[:, 1].double(), want_x, **tol)
     assert torch.isnan(grad_w[0]).all() and not grad_b[0].any()  # other layers untouched
 
 

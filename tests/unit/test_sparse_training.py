@@ -18,7 +18,6 @@ import torch
 from torch import Tensor
 
 from clt_lightning.models import clt as clt_module
-from clt_lightning.models import sparse_decode
 from clt_lightning.models.sparsifiers import SparsifierConfig
 from clt_lightning.module import CLTModule
 
@@ -70,14 +69,9 @@ def train_step(module: CLTModule, optimizer: torch.optim.Optimizer, batch: dict)
     return {"loss": loss.detach(), "terms": values, "encoding": output.encoding, "grads": grads}
 
 
-@pytest.mark.parametrize("min_tokens", [1, 10**9], ids=["sparse_w_enc_grad", "gemm_w_enc_grad"])
 @pytest.mark.parametrize("dead", [False, True], ids=["no_dead", "auxk"])
 @pytest.mark.parametrize("name", ["relu_topk", "abs_topk"])
-def test_sparse_step_equals_dense_step(
-    name: str, dead: bool, min_tokens: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Both W_enc gradient paths of the fused encoder (the batch is 10 tokens).
-    monkeypatch.setattr(sparse_decode, "SPARSE_ENCODER_GRAD_MIN_TOKENS", min_tokens)
+def test_sparse_step_equals_dense_step(name: str, dead: bool) -> None:
     dense = make_module(name, "dense", dead, torch.float64)
     sparse = copy.deepcopy(dense)
     sparse.clt.decode_mode = "sparse"
