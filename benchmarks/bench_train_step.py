@@ -28,6 +28,11 @@ Losses: before timing each sparsifier, the training forward and loss are compute
 each mode at the same weights; ``loss_rel_diff`` = |sparse - dense| / |dense|
 (float tolerance: 1e-5).
 
+Breakdown (ReLU-TopK, sparse, see `breakdown`): the whole step against its two floors,
+an encoder-only step (fused TopK encoder, backward, AdamW on ``W_enc``/``b_enc``) and an
+AdamW-only step (``optimizer.step()`` over all 849.5M parameters), and the step without
+gradient recycling; interleaved, medians.
+
 Peak memory of the same step is measured by ``benchmarks/bench_memory.py`` (separately,
 because the profiler slows the step down), with the helpers of this module.
 """
