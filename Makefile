@@ -53,7 +53,7 @@ format: $(STAMP) ## apply ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: $(STAMP) ## run the benchmark suite and write docs/benchmarks.md (BENCH_ARGS=--quick for a smoke run)
+bench: $(STAMP) ## run the benchmark suite (~40 min on 2 cores) and write docs/benchmarks.md (BENCH_ARGS="--only decode,online" re-runs some)
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
 bench-quick: $(STAMP) ## check that every benchmark runs (tiny sizes, writes nothing to docs/)

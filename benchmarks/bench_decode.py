@@ -89,7 +89,13 @@ def _run(quick: bool) -> list[dict]:
             values, indices, W_dec, b_dec, grad_out, "triton"
         )
     weight_grad_bytes = sum(w.numel() * w.element_size() for w in W_dec)
+    traffic = decode_traffic(indices, W_dec)
+    copy_bytes = COPY_BYTES // 64 if quick else COPY_BYTES
+    variants["memory_copy"] = _copy_step(copy_bytes, device)
     times = _interleaved_times(variants, repeats, device)
+    copy_seconds = statistics.median(times.pop("memory_copy"))
+    copy_gb_s = 2 * copy_bytes / copy_seconds / 1e9  # read + write
+    del variants["memory_copy"]  # frees its buffers
     rows = []
     for name, step in variants.items():
         seconds = statistics.median(times[name])
@@ -110,10 +116,68 @@ def _run(quick: bool) -> list[dict]:
                 "shape": dict(shape),
             }
         )
+        if name != "dense":
+            rows[-1] |= _bandwidth(traffic, seconds, copy_gb_s)
     dense_rate = rows[0]["tokens_per_s"]
     for row in rows:
         row["ratio_vs_dense"] = row["tokens_per_s"] / dense_rate
+    rows.append(
+        {
+            "name": "memory_copy",
+            "gb_per_s": copy_gb_s,
+            "seconds_per_step": copy_seconds,
+            "threads": torch.get_num_threads(),
+            "device": str(device),
+        }
+    )
     return rows
+
+
+COPY_BYTES = 512 * 2**20
+"""Size of the plain memory copy that gives the machine's achievable bandwidth figure."""
+
+
+def _copy_step(n_bytes: int, device: torch.device) -> Callable[[], object]:
+    """``dst.copy_(src)`` of ``n_bytes`` (fp32, resident): the plain memory-copy figure."""
+    src = torch.empty(n_bytes // 4, device=device).uniform_()
+    dst = torch.zeros_like(src)
+    return lambda: dst.copy_(src)
+
+
+def decode_traffic(indices: Tensor, W_dec: list[Tensor]) -> dict[str, int]:
+    """Bytes one sparse decode step must move (fp32 rows of ``W_dec[s]`` [F, L - s, d]).
+
+    ``min_bytes``: each distinct active row read once (forward) and the dense gradient
+    written once (its active rows hold values, the others zeros): the least any
+    implementation must move. ``slot_bytes``: what the step moves if every (token, slot)
+    reads its whole row from memory, without reuse in cache, once forward and once for
+    the codes' gradient, plus the gradient written once (the sparse-matrix product
+    writes it in full; there is no separate zeroing pass).
+    """
+    unique_bytes = slot_row_bytes = 0
+    for source, weight in enumerate(W_dec):
+        row_bytes = weight[0].numel() * weight.element_size()
+        unique_bytes += int(indices[:, source].unique().numel()) * row_bytes
+        slot_row_bytes += indices[:, source].numel() * row_bytes
+    grad_bytes = sum(w.numel() * w.element_size() for w in W_dec)
+    return {
+        "min_bytes": unique_bytes + grad_bytes,
+        "slot_bytes": 2 * slot_row_bytes + grad_bytes,
+        "unique_row_bytes": unique_bytes,
+    }
+
+
+def _bandwidth(traffic: dict[str, int], seconds: float, copy_gb_s: float) -> dict[str, float]:
+    """Achieved GB/s of a sparse variant against the memory-copy figure of the same run."""
+    min_gb_s = traffic["min_bytes"] / seconds / 1e9
+    return {
+        "min_gb": traffic["min_bytes"] / 1e9,
+        "slot_gb": traffic["slot_bytes"] / 1e9,
+        "min_gb_per_s": min_gb_s,
+        "slot_gb_per_s": traffic["slot_bytes"] / seconds / 1e9,
+        "min_fraction_of_copy": min_gb_s / copy_gb_s,
+        "copy_gb_per_s": copy_gb_s,
+    }
 
 
 def _make_decoder(

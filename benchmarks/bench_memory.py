@@ -65,7 +65,7 @@ def run(quick: bool = False) -> list[dict]:
             optimizer = use_sparsifier(module, optimizer, config)
             dense, sparse = (
                 {"name": f"memory_{name}_{mode}", "sparsifier": name, "decode": mode}
-                | _memory(module, optimizer, batch, mode)
+                | step_memory(module, optimizer, batch, mode)
                 for mode in ("dense", "sparse")
             )
             for key in ("peak_total_bytes", "peak_activation_bytes"):
@@ -77,7 +77,7 @@ def run(quick: bool = False) -> list[dict]:
         GRAD_RECYCLER.clear()
 
 
-def _memory(
+def step_memory(
     module: CLTModule, optimizer: torch.optim.Optimizer, batch: dict[str, Tensor], mode: str
 ) -> dict[str, Any]:
     """Peak memory of one step in ``mode`` (definitions in the module docstring)."""

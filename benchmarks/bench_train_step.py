@@ -28,6 +28,11 @@ Losses: before timing each sparsifier, the training forward and loss are compute
 each mode at the same weights; ``loss_rel_diff`` = |sparse - dense| / |dense|
 (float tolerance: 1e-5).
 
+Breakdown (ReLU-TopK, sparse, see `breakdown`): the whole step against its two floors,
+an encoder-only step (fused TopK encoder, backward, AdamW on ``W_enc``/``b_enc``) and an
+AdamW-only step (``optimizer.step()`` over all 849.5M parameters), and the step without
+gradient recycling; interleaved, medians.
+
 Peak memory of the same step is measured by ``benchmarks/bench_memory.py`` (separately,
 because the profiler slows the step down), with the helpers of this module.
 """
@@ -45,7 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from clt_lightning.models.sparse_decode import GRAD_RECYCLER
+from clt_lightning.models.sparse_decode import GRAD_RECYCLER, topk_encode
 from clt_lightning.models.sparsifiers import SparsifierConfig, build_sparsifier
 from clt_lightning.module import CLTModule
 
@@ -86,6 +91,8 @@ def _run(quick: bool) -> list[dict]:
     for name in SPARSIFIERS:
         optimizer = use_sparsifier(module, optimizer, SparsifierConfig(name, k=_k(module)))
         rows += _measure(module, optimizer, batch, name, 1 if quick else REPEATS[name])
+        if name == "relu_topk":
+            rows += breakdown(module, optimizer, batch, 1 if quick else REPEATS[name])
     return [{**row, **settings(module, optimizer, batch)} for row in rows]
 
 
@@ -195,6 +202,106 @@ def _measure(
     sparse["loss_rel_diff"] = diff
     sparse["losses_equal"] = diff <= LOSS_RTOL
     return rows
+
+
+def breakdown(
+    module: CLTModule, optimizer: torch.optim.Optimizer, batch: dict[str, Tensor], repeats: int
+) -> list[dict]:
+    """The sparse step against its two floors, and without gradient recycling.
+
+    Rows (ReLU-TopK, sparse mode, interleaved, medians): ``step_full`` (the whole step,
+    as ``train_step_relu_topk_sparse``), ``step_encoder_only`` (the fused TopK encoder,
+    a loss on its codes, its backward and fused AdamW on ``W_enc``/``b_enc`` only: no
+    decoder), ``step_adamw_only`` (``optimizer.step()`` over all parameters with their
+    gradients present: the update any step must make) and ``step_full_no_recycling``
+    (the whole step with ``GRAD_RECYCLER`` disabled: fresh gradient tensors every step).
+    ``ratio_vs_floors`` = full seconds / (encoder-only + AdamW-only seconds); the target
+    is <= 2.0.
+    """
+    set_mode(module, "sparse")
+    clt = module.clt
+    encoder_params = [clt.W_enc, clt.b_enc]
+    group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+    enc_optimizer = type(optimizer)([{"params": encoder_params, **group}])
+    for param in encoder_params:  # share the moments: no extra memory, same update
+        enc_optimizer.state[param] = optimizer.state[param]
+    variants = {
+        "step_full": lambda: _timed(lambda: step(module, optimizer, batch)),
+        "step_encoder_only": lambda: _encoder_step(module, enc_optimizer, batch),
+        "step_adamw_only": lambda: _adamw_only(module, optimizer, batch),
+        "step_full_no_recycling": lambda: _without_recycling(module, optimizer, batch),
+    }
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            times[name].append(fn())
+    rows = []
+    for name, seconds_all in times.items():
+        seconds = statistics.median(seconds_all)
+        rows.append(
+            {
+                "name": f"breakdown_{name}",
+                "tokens_per_s": batch["x"].shape[0] / seconds,
+                "seconds_per_step": seconds,
+                "seconds_all": [round(t, 3) for t in seconds_all],
+            }
+        )
+    by_name = {row["name"].removeprefix("breakdown_"): row for row in rows}
+    floors = by_name["step_encoder_only"]["seconds_per_step"]
+    floors += by_name["step_adamw_only"]["seconds_per_step"]
+    by_name["step_full"]["ratio_vs_floors"] = by_name["step_full"]["seconds_per_step"] / floors
+    by_name["step_full_no_recycling"]["ratio_vs_recycling"] = (
+        by_name["step_full"]["seconds_per_step"]
+        / by_name["step_full_no_recycling"]["seconds_per_step"]
+    )
+    set_mode(module, "sparse")
+    return rows
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _encoder_step(
+    module: CLTModule, optimizer: torch.optim.Optimizer, batch: dict[str, Tensor]
+) -> float:
+    """Seconds of: fused TopK encode, <codes, codes> loss, backward, AdamW on the encoder."""
+    clt = module.clt
+
+    def run_step() -> None:
+        x = clt.scale_inputs(batch["x"])
+        codes = topk_encode(x, clt.W_enc, clt.b_enc, _k(module))
+        codes.values.square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return _timed(run_step)
+
+
+def _adamw_only(
+    module: CLTModule, optimizer: torch.optim.Optimizer, batch: dict[str, Tensor]
+) -> float:
+    """Seconds of ``optimizer.step()`` alone, after an untimed forward and backward."""
+    loss, _, _ = module.compute_loss(batch)
+    loss.backward()
+    seconds = _timed(optimizer.step)
+    optimizer.zero_grad(set_to_none=True)
+    return seconds
+
+
+def _without_recycling(
+    module: CLTModule, optimizer: torch.optim.Optimizer, batch: dict[str, Tensor]
+) -> float:
+    """Seconds of a whole step with the gradient recycler switched off."""
+    GRAD_RECYCLER.clear()
+    enabled, GRAD_RECYCLER.enabled = GRAD_RECYCLER.enabled, False
+    try:
+        return _timed(lambda: step(module, optimizer, batch))
+    finally:
+        GRAD_RECYCLER.enabled = enabled
+        set_mode(module, "sparse")
 
 
 def set_mode(module: CLTModule, mode: str) -> None:

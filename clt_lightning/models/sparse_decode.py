@@ -25,8 +25,11 @@ Design decisions:
     table, per_sample_weights=values, mode="sum")``, which never materialises the
     gathered rows. Backward (:class:`_EmbeddingBagDecode`): the signed ``values``
     gradient as per-slot dot products ``<grad_out, row>`` (ATen's embedding-bag kernel),
-    and the table gradient by ``index_add_`` of ``value * grad_out`` into the active
-    rows of a recycled, zeroed gradient, in cache-sized blocks (:data:`ADD_CHUNK_BYTES`).
+    and the table gradient as ``C^T @ grad_out`` with ``C`` the sparse [B, F] code
+    matrix (:func:`sparse_matrix`; MKL's sparse BLAS on the CPU, cuSPARSE on CUDA)
+    written with ``beta=0`` into a recycled gradient, so it needs no zeroing pass (other
+    dtypes than float32/float64: ``index_add_`` of ``value * grad_out`` into a zeroed
+    gradient, in cache-sized blocks, :data:`ADD_CHUNK_BYTES`).
   * ``"gather"``: a custom ``autograd.Function`` (``index_select`` on the flattened table
     + ``bmm``; backward re-gathers the rows and ``index_add_`` s into them). It chunks
     over tokens so the gathered block stays under ``chunk_bytes``: an unchunked
@@ -40,11 +43,13 @@ Design decisions:
   FLOP/byte ratio and by how often rows repeat within a batch, not by F / k = 96.
 - The fused encoder (:func:`topk_encode`) computes ``pre_l = x_l W_enc[l] + b_enc[l]`` one
   layer at a time ([B, F] at most), keeps the top k (and the AuxK candidates, see below),
-  and saves only x and the [B, L, k] codes. Its backward rebuilds one layer's [B, F]
-  gradient of ``pre`` from the [B, L, k] gradient of the kept values (TopK passes no
-  gradient to unselected latents, so this is the exact gradient) and multiplies it with
-  ``x_l`` into the recycled ``W_enc`` gradient. The unfused path keeps ``pre``, ``ReLU(pre)``
-  and ``z`` ([B, L, F] each) for the backward and builds two more in it.
+  and saves only x and the [B, L, k] codes. Its backward touches the kept latents only
+  (TopK passes no gradient to unselected latents, so this is the exact gradient): the
+  ``W_enc`` gradient is ``x_l^T @ G`` with ``G`` the sparse [B, F] matrix of the kept
+  values' gradients (:func:`sparse_matrix`, cost ~ B * k * d per layer instead of the
+  ~ B * d * F of a GEMM with a dense [B, F] gradient of ``pre``), the ``b_enc`` gradient
+  an index-add, the ``x`` gradient a column gather. The unfused path keeps ``pre``,
+  ``ReLU(pre)`` and ``z`` ([B, L, F] each) for the backward and builds two more in it.
 - AuxK needs the top ``aux_k`` *dead* latents of ``pre``, and "dead" depends on this
   batch: a latent is dead after the batch if it was a candidate (``tokens_since_fired + B
   >= dead_tokens``) and did not fire in it. The fused encoder knows which latents fired
@@ -90,6 +95,7 @@ import functools
 import importlib.util
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -335,11 +341,12 @@ class _EmbeddingBagDecode(torch.autograd.Function):
 
     Forward: ``F.embedding_bag`` (never materialises the gathered rows). Backward:
     ``d values[b, j] = <grad_out[b], W[indices[b, j]]>`` with ATen's embedding-bag kernel
-    for per-sample weights, and the decoder gradient by ``index_add_`` of
-    ``values[b, j] * grad_out[b]`` into the active rows of a zeroed gradient that
-    :data:`GRAD_RECYCLER` reuses from the previous step (on the CPU a fresh multi-GB
-    tensor costs page faults; a resident one only a memset). The ``value * grad`` rows
-    are added ``chunk_bytes`` at a time. Shapes: values/indices [B, k], out [B, T d].
+    for per-sample weights, and the decoder gradient ``C^T @ grad_out`` with ``C`` the
+    sparse [B, F] code matrix (:func:`sparse_matrix`), written in full (``beta=0``) into
+    a gradient that :data:`GRAD_RECYCLER` reuses from the previous step (on the CPU a
+    fresh multi-GB tensor costs page faults). Other dtypes than float32/float64:
+    ``index_add_`` of ``values[b, j] * grad_out[b]`` into a zeroed recycled gradient,
+    ``chunk_bytes`` at a time. Shapes: values/indices [B, k], out [B, T d].
     """
 
     @staticmethod
@@ -361,12 +368,42 @@ class _EmbeddingBagDecode(torch.autograd.Function):
         grad_values = grad_weight = None
         if need_values:
             grad_values = _per_slot_dot(grad_out, table, indices).view_as(values)
-        if need_weight:
+        if need_weight and sparse_matmul_supported(weight.dtype):
+            grad_weight = GRAD_RECYCLER.empty_like(weight)  # written in full by addmm
+            n_tokens, k = indices.shape
+            token = torch.arange(n_tokens, device=indices.device).repeat_interleave(k)
+            codes_t = sparse_matrix(
+                indices.reshape(-1), token, values.reshape(-1), (len(table), n_tokens)
+            )
+            out = grad_weight.view(table.shape)
+            torch.addmm(out, codes_t, grad_out.to(weight.dtype), beta=0, out=out)
+        elif need_weight:
             grad_weight = GRAD_RECYCLER.zeros_like(weight)
             _add_weighted_rows(
                 grad_weight.view(table.shape), indices, values, grad_out, ctx.chunk_bytes
             )
         return grad_values, None, grad_weight, None
+
+
+def sparse_matmul_supported(dtype: torch.dtype) -> bool:
+    """Whether the weight gradients use a sparse matrix product (float32/float64)."""
+    return dtype in (torch.float32, torch.float64)
+
+
+def sparse_matrix(rows: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    """The sparse CSR matrix ``M[rows[i], cols[i]] += values[i]`` (duplicates summed).
+
+    Shapes: rows, cols, values [n]; ``M`` is ``shape``. Used as the sparse operand of
+    ``torch.addmm`` (MKL's sparse BLAS on the CPU, cuSPARSE on CUDA), whose cost is
+    ~ n x the dense operand's width, and which writes every entry of its output, so the
+    gradient needs no zeroing pass.
+    """
+    coo = torch.sparse_coo_tensor(
+        torch.stack([rows, cols]), values, shape, check_invariants=False
+    ).coalesce()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return coo.to_sparse_csr()
 
 
 def _per_slot_dot(grad_out: Tensor, table: Tensor, indices: Tensor) -> Tensor:
@@ -529,8 +566,9 @@ def topk_encode(
     Equals the unfused ``pre = einsum(x, W_enc) + b_enc; z = topk(pre)`` in value and in
     every gradient (to ``x``, ``W_enc``, ``b_enc``; TopK passes gradient to the kept
     pre-activations only), but never keeps a [B, L, F] tensor: ``pre`` lives one layer
-    at a time in the forward, and the backward rebuilds one layer's [B, F] gradient of
-    ``pre`` from the [B, L, k] gradient of the codes. See the module docstring.
+    at a time in the forward, and the backward multiplies with the [B, L, k] gradient of
+    the kept codes as a sparse matrix (no [B, F] gradient, no dense GEMM). See the module
+    docstring.
 
     Args:
         x: Scaled inputs [B, L, d].
@@ -644,20 +682,62 @@ class _TopKEncode(torch.autograd.Function):
                 ],
                 dim=-1,
             ).to(dtype)
-            n_tokens, n_layers, _ = x.shape
+            n_layers = x.shape[1]
             grad_x = torch.empty_like(x) if need_x else None
             grad_w = GRAD_RECYCLER.empty_like(W_enc) if need_w else None
-            grad_b = W_enc.new_empty(n_layers, W_enc.shape[2]) if need_b else None
+            grad_b = W_enc.new_zeros(n_layers, W_enc.shape[2]) if need_b else None
             for layer in range(n_layers):
-                grad_pre = W_enc.new_zeros(n_tokens, W_enc.shape[2])
-                grad_pre.scatter_add_(1, slots[:, layer], grads[:, layer])
-                if grad_w is not None:
-                    torch.mm(x[:, layer].T.to(dtype), grad_pre, out=grad_w[layer])
-                if grad_b is not None:
-                    torch.sum(grad_pre, dim=0, out=grad_b[layer])
-                if grad_x is not None:
-                    grad_x[:, layer] = (grad_pre @ W_enc[layer].T).to(x.dtype)
+                _encoder_layer_grads(
+                    layer, x, W_enc, slots[:, layer], grads[:, layer], grad_x, grad_w, grad_b
+                )
         return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def _encoder_layer_grads(
+    layer: int,
+    x: Tensor,
+    W_enc: Tensor,
+    slots: Tensor,
+    grads: Tensor,
+    grad_x: Tensor | None,
+    grad_w: Tensor | None,
+    grad_b: Tensor | None,
+) -> None:
+    """One layer's encoder gradients from the kept latents only.
+
+    ``d pre[b, slots[b, j]] = grads[b, j]`` and zero elsewhere (repeated slots add up:
+    AuxK padding at index 0 with zero gradient, a latent both kept and AuxK), so:
+
+    - ``d W_enc[l] = x_l^T @ G`` with ``G`` [B, F] the sparse matrix of ``grads`` at
+      ``slots`` (:func:`sparse_matrix`): cost ~ B * k * d instead of the ~ B * d * F of a
+      GEMM with a dense [B, F] ``d pre``; ``addmm`` writes the whole [d, F] gradient.
+      (Other dtypes than float32/float64: the dense GEMM.)
+    - ``d b_enc[l]``: an index-add of ``grads`` (cost ~ B * k).
+    - ``d x[b, l] = sum_j grads[b, j] * W_enc[l][:, slots[b, j]]``: a column gather.
+
+    Shapes: x [B, L, d], W_enc [L, d, F], slots and grads [B, k'] (grads in W_enc's
+    dtype), grad_x like x, grad_w like W_enc, grad_b [L, F] zeroed.
+    """
+    n_tokens = x.shape[0]
+    x_t = x[:, layer].T.to(W_enc.dtype)
+    if grad_w is not None and sparse_matmul_supported(W_enc.dtype):
+        token = torch.arange(n_tokens, device=x.device).repeat_interleave(slots.shape[1])
+        codes = sparse_matrix(
+            token, slots.reshape(-1), grads.reshape(-1), (n_tokens, W_enc.shape[2])
+        )
+        torch.addmm(grad_w[layer], x_t, codes, beta=0, out=grad_w[layer])
+    elif grad_w is not None:
+        grad_pre = W_enc.new_zeros(n_tokens, W_enc.shape[2])
+        grad_pre.scatter_add_(1, slots, grads)
+        torch.mm(x_t, grad_pre, out=grad_w[layer])
+    if grad_b is not None:
+        grad_b[layer].index_add_(0, slots.reshape(-1), grads.reshape(-1))
+    if grad_x is not None:
+        step = max(1, ADD_CHUNK_BYTES // max(1, slots.shape[1] * W_enc.shape[1] * 4))
+        for start in range(0, n_tokens, step):
+            idx, g = slots[start : start + step], grads[start : start + step]
+            columns = W_enc[layer].index_select(1, idx.reshape(-1)).view(-1, *idx.shape)
+            grad_x[start : start + step, layer] = torch.einsum("dbk,bk->bd", columns, g).to(x.dtype)
 
 
 def _kept_grad(grad: Tensor, values: Tensor, signed: bool) -> Tensor:

@@ -40,10 +40,22 @@ def step_rows(ratio: float, rel_diff: float) -> list[dict]:
 
 
 def test_targets_follow_the_numbers() -> None:
-    met = bench_run._train_step_targets({"train_step": step_rows(3.2, 0.0)})
-    assert [v.met for v in met] == [True, None]  # abs_topk was not measured
-    assert bench_run._train_step_targets({"train_step": step_rows(2.9, 0.0)})[0].met is False
-    assert bench_run._train_step_targets({"train_step": step_rows(4.0, 1e-3)})[0].met is False
+    met = bench_run._train_step_targets({"train_step": step_rows(5.2, 0.0)})
+    assert [v.met for v in met] == [True, None, None]  # abs_topk, breakdown not measured
+    assert bench_run._train_step_targets({"train_step": step_rows(4.9, 0.0)})[0].met is False
+    assert bench_run._train_step_targets({"train_step": step_rows(6.0, 1e-3)})[0].met is False
+    floors = [{"name": "breakdown_step_full", "ratio_vs_floors": 2.1}]
+    verdict = bench_run._train_step_targets({"train_step": step_rows(6.0, 0.0) + floors})[-1]
+    assert verdict.met is False and "2.10x" in verdict.measured
+    floors[0]["ratio_vs_floors"] = 1.9
+    assert bench_run._train_step_targets({"train_step": floors})[-1].met is True
+    online = {
+        "train_step": step_rows(6.0, 0.0),  # the sparse step consumes 60 tokens/s
+        "online": [{"name": "online_ViT-B-32", "tokens_per_s": 54.0}],
+    }
+    bench_run.annotate(online)
+    (verdict,) = bench_run._online_targets(online)
+    assert verdict.met is False and "0.90x" in verdict.measured
     data = {"train_step": step_rows(4.0, 0.0), "data": [{"name": "d", "tokens_per_s": 250.0}]}
     (verdict,) = bench_run._data_targets(data)
     assert verdict.met is True and "6.25x" in verdict.measured  # 250 / 40 tokens/s
@@ -61,3 +73,39 @@ def test_report_names_errors_and_machine() -> None:
     assert "**Failed or missing**: retrieval" in report
     assert info["cpu"] in report and info["torch"] in report
     assert "| train_step_relu_topk_sparse | 35 | 3.50x |" in report
+    assert "same loss | 3.50x, loss rel. diff 0.0e+00 | **no** |" in report  # short of 5x
+
+
+def test_only_reruns_named_benchmarks_and_keeps_the_others(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """A full run stores every benchmark's rows next to the report; `--only b` replaces
+    b's rows and re-renders the whole report from the store, each section dated."""
+    calls: list[tuple[str, float]] = []
+    value = {"a": 1.0, "b": 2.0}
+
+    def fake_run_one(name: str, timeout: float, log_dir) -> dict:
+        calls.append((name, timeout))
+        return {"rows": [{"name": f"{name}_row", "speed": value[name]}], "wall_seconds": 1.0}
+
+    revision = {"git": "rev1"}
+    real_info = bench_run.machine_info()
+    monkeypatch.setattr(bench_run, "BENCHMARKS", ("a", "b"))
+    monkeypatch.setattr(bench_run, "_run_one", fake_run_one)
+    monkeypatch.setattr(bench_run, "machine_info", lambda: {**real_info, **revision})
+    monkeypatch.setitem(bench_run.BUDGET_S, "a", 11)
+    out = tmp_path / "bench.md"
+    assert bench_run.main(["--out", str(out)]) == 0
+    assert calls == [("a", 11), ("b", bench_run.DEFAULT_BUDGET_S)]
+    value["a"], value["b"], revision["git"] = 10.0, 20.0, "rev2"
+    assert bench_run.main(["--only", "b", "--out", str(out)]) == 0
+    assert calls[-1][0] == "b" and len(calls) == 3
+    stored = bench_run.load_store(out.with_suffix(".json"))
+    assert stored["a"]["rows"][0]["speed"] == 1.0  # kept from the first run
+    assert stored["b"]["rows"][0]["speed"] == 20.0  # re-run
+    report = out.read_text()
+    assert "| a_row | 1 |" in report and "| b_row | 20 |" in report
+    assert report.index("at git rev1") < report.index("at git rev2")  # per section
+    (tmp_path / "bench.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit, match="not a benchmark store"):
+        bench_run.main(["--only", "b", "--out", str(out)])

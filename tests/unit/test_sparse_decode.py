@@ -224,7 +224,8 @@ def test_auto_needs_env_var_for_triton(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 class _RecordShapes(TorchDispatchMode):
-    """Records the shape of every tensor an aten op returns."""
+    """Records the shape of every dense (strided) tensor an aten op returns (the sparse
+    code matrices of the weight gradients have the codes' size by design)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -233,7 +234,7 @@ class _RecordShapes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         out = func(*args, **(kwargs or {}))
         for item in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(item, Tensor):
+            if isinstance(item, Tensor) and item.layout == torch.strided:
                 self.shapes.append(tuple(item.shape))
         return out
 
@@ -402,6 +403,69 @@ def test_topk_encode_aux_codes_are_the_dead_latents(signed: bool) -> None:
     dense_weights = torch.zeros_like(pre).scatter_add(-1, out.aux_indices, weights * valid)
     (want,) = torch.autograd.grad((kept * chosen * dense_weights).sum(), [W_enc])
     torch.testing.assert_close(got, want, **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_topk_encode_weight_gradient_is_sparse_and_exact(signed: bool) -> None:
+    """The W_enc/b_enc gradients come from the kept latents only: no dense [B, F]
+    gradient of pre is built (the old backward built one per layer and multiplied it
+    with x in a GEMM). Values equal the unfused dense path, AuxK slots (padding at index
+    0 repeats latent 0) included."""
+    x, W_enc, b_enc = awkward_encoder_inputs(n_tokens=12, n_latents=48)
+    x = x.detach()  # training inputs carry no gradient
+    k, aux_k = 5, 7
+    candidates = torch.zeros(3, 48, dtype=torch.bool)
+    candidates[0, :40] = True
+    candidates[1, :2] = True
+    out = sd.topk_encode(x, W_enc, b_enc, k, signed=signed, aux_k=aux_k, aux_candidates=candidates)
+    weights = torch.randn_like(out.values)
+    aux_weights = torch.randn_like(out.aux_values)
+    loss = (out.values * weights).sum() + (out.aux_values * aux_weights).sum()
+    with _RecordShapes() as recorder:
+        got = torch.autograd.grad(loss, [W_enc, b_enc])
+    assert recorder.shapes and (12, 48) not in recorder.shapes
+    # Dense reference: the same (token, layer, latent) weights through the unfused pre.
+    z_ref, pre = reference_topk(x, W_enc, b_enc, k, signed)
+    kept = pre if signed else torch.relu(pre)
+    n_dead = (candidates & ~(z_ref != 0).any(dim=0)).sum(-1).clamp(max=aux_k)
+    valid = torch.arange(aux_k) < n_dead[:, None]  # [L, aux_k]; the rest is padding
+    assert valid[0].all() and not valid[2].any()
+    dense = torch.zeros_like(pre).scatter_add(-1, out.indices, weights)
+    dense = dense.scatter_add(-1, out.aux_indices, aux_weights * valid)
+    want = torch.autograd.grad((kept * dense).sum(), [W_enc, b_enc])
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_encoder_layer_grads_match_a_naive_loop_with_repeated_slots(dtype: torch.dtype) -> None:
+    """Repeated latents within a token's slots and across tokens add up (naive loop),
+    with the sparse product (float64) and with the dense fallback (bfloat16)."""
+    gen = torch.Generator().manual_seed(3)
+    n_tokens, n_layers, d_model, n_latents = 6, 2, 5, 7
+    x = torch.randn(n_tokens, n_layers, d_model, generator=gen, dtype=torch.float64)
+    W_enc = torch.randn(n_layers, d_model, n_latents, generator=gen, dtype=torch.float64)
+    slots = torch.randint(0, 3, (n_tokens, 4), generator=gen)  # 4 slots over 3 latents
+    grads = torch.randn(n_tokens, 4, generator=gen, dtype=torch.float64)
+    x, W_enc, grads = (t.to(dtype) for t in (x, W_enc, grads))
+    grad_x, grad_w = torch.zeros_like(x), torch.full_like(W_enc, float("nan"))
+    grad_b = torch.zeros(n_layers, n_latents, dtype=dtype)
+    sd._encoder_layer_grads(1, x, W_enc, slots, grads, grad_x, grad_w, grad_b)
+    x, W_enc = x.double(), W_enc.double()  # the reference sums the same inputs in float64
+    want_w = torch.zeros(d_model, n_latents, dtype=torch.float64)
+    want_b = torch.zeros(n_latents, dtype=torch.float64)
+    want_x = torch.zeros(n_tokens, d_model, dtype=torch.float64)
+    for b in range(n_tokens):
+        for j in range(4):
+            f, g = int(slots[b, j]), float(grads[b, j])
+            want_w[:, f] += g * x[b, 1]
+            want_b[f] += g
+            want_x[b] += g * W_enc[1, :, f]
+    tol = {} if dtype == torch.float64 else {"rtol": 2e-2, "atol": 5e-2}
+    torch.testing.assert_close(grad_w[1].double(), want_w, **tol)
+    torch.testing.assert_close(grad_b[1].double(), want_b, **tol)
+    torch.testing.assert_close(grad_x[:, 1].double(), want_x, **tol)
+    assert torch.isnan(grad_w[0]).all() and not grad_b[0].any()  # other layers untouched
 
 
 def test_topk_encode_bad_shapes() -> None:
