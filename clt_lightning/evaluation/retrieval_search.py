@@ -39,6 +39,32 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+INDEX_WHAT = "a retrieval index"
+INDEX_SUFFIXES = (".faiss", ".npy", ".json", ".partial", ".tmp")
+
+
+def index_folder_owned(entry: Path) -> bool:
+    """Entries an index folder may hold (replaced as a whole by a rebuild)."""
+    return entry.is_file() and entry.suffix in INDEX_SUFFIXES
+
+
+def build_manifest(descriptors: Any, plan: Any, dim: int, **fields: Any) -> dict:
+    """The index manifest: `fields` plus the plan (`IndexPlan`) and the corpus of `DescriptorFiles`."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": "clt-lightning retrieval index",
+        **fields,
+        "index_type": plan.factory,
+        "nprobe": plan.nprobe,
+        "estimated_bytes_per_layer": plan.estimated_bytes,
+        "n_images": len(descriptors.image_ids),
+        "dim": dim,
+        "layers": list(descriptors.layers),
+        "image_ids": descriptors.image_ids.tolist(),
+        "labels": descriptors.labels.tolist(),
+    }
+
+
 REBUILD_HINT = (
     "rebuild the index with `clt retrieve ... --retrieval.rebuild true` "
     "(Python: build_and_query(..., rebuild=True) or build_index(...))"
