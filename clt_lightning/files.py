@@ -182,8 +182,33 @@ def install_folder(staging: Path, path: Path) -> None:
     fsync_dir(path.parent)
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _carry_over(path: Path, staging: Path, keep: Callable[[Path], bool]) -> None:
+    """Hard-link the old folder's kept entries into the staging folder (the old folder is
+    untouched, so a kill at any moment loses nothing)."""
+    if not path.is_dir():
+        return
+    for entry in path.iterdir():
+        if keep(entry) and not (staging / entry.name).exists():
+            if entry.is_dir():
+                shutil.copytree(entry, staging / entry.name, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(str(entry), str(staging / entry.name))
+
+
 @contextlib.contextmanager
-def commit_folder(path: str | Path, owned: Callable[[Path], bool], what: str) -> Iterator[Path]:
+def commit_folder(
+    path: str | Path,
+    owned: Callable[[Path], bool],
+    what: str,
+    keep: Callable[[Path], bool] | None = None,
+) -> Iterator[Path]:
     """Write a multi-file output as a unit: yields an empty staging folder to fill.
 
     On a normal exit the staging folder replaces `path` (old folder aside, staging folder
@@ -194,6 +219,8 @@ def commit_folder(path: str | Path, owned: Callable[[Path], bool], what: str) ->
         owned: True for an entry of an existing `path` that this output writes; any other
             entry makes the commit refuse to start (replacing would delete it).
         what: What the folder holds, for messages ("a clt export").
+        keep: True for an entry of the old folder that the new one keeps unless it writes
+            its own (e.g. per-epoch subfolders); carried over as hard links before the swap.
 
     Raises:
         ConfigError: `path` is a file, or holds entries `owned` does not recognise.
@@ -206,6 +233,8 @@ def commit_folder(path: str | Path, owned: Callable[[Path], bool], what: str) ->
     staging.mkdir(parents=True)
     try:
         yield staging
+        if keep is not None:
+            _carry_over(path, staging, keep)
         _fsync_tree(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

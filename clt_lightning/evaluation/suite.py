@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -279,7 +280,9 @@ def run_suite(
         "n_images": len(images),
         "n_layers": L,
     }
-    with commit_folder(out, evaluation_owned, EVALUATION_WHAT) as staging:
+    with commit_folder(
+        out, evaluation_owned, EVALUATION_WHAT, keep=evaluation_subfolder
+    ) as staging:
         _write_outputs(staging, payloads, result, reports, ablation, scores, info, config)
         _write_json(staging / "run.json", run)
     payloads["run"] = run
@@ -290,8 +293,17 @@ EVALUATION_WHAT = "evaluation results"
 EVALUATION_SUFFIXES = (".json", ".md", ".csv", ".png")
 
 
+def evaluation_subfolder(entry: Path) -> bool:
+    """A per-epoch evaluation (`EvaluationCallback`: `evaluation/epoch_XX`), kept when the
+    folder above it is rewritten."""
+    return entry.is_dir() and re.fullmatch(r"epoch_\d+", entry.name) is not None
+
+
 def evaluation_owned(entry: Path) -> bool:
-    """Entries an evaluation folder may hold: the suite's files and temp files."""
+    """Entries an evaluation folder may hold: the suite's files, temp files and per-epoch
+    subfolders."""
+    if evaluation_subfolder(entry):
+        return True
     return entry.is_file() and (entry.suffix in EVALUATION_SUFFIXES or entry.name.endswith(".tmp"))
 
 
