@@ -1,4 +1,4 @@
-"""What a `clt fit` checkpoint must hold, checked after the safe (weights-only) load.
+"""What a `clt fit` checkpoint (or an export) must hold, checked after the safe load.
 
 A weights-only `torch.load` guarantees that no code ran, not that the file is a checkpoint:
 a list, a dict without `state_dict`, a tensor of another shape, NaN weights or an exported
@@ -24,10 +24,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from clt_lightning.errors import CheckpointMismatchError, ConfigError
-from clt_lightning.models.clt import raise_non_finite
 
 WRITTEN_BY = "a checkpoint written by `clt fit` (<run>/checkpoints/*.ckpt)"
 TRAINING_KEYS = ("optimizer_states", "loops", "global_step")
@@ -36,6 +36,28 @@ UNSAFE_LOADING = (
     "(a pickle can run code), and checkpoints written by `clt fit` load weights-only; drop "
     "--weights_only false"
 )
+
+
+def non_finite_tensors(tensors: Mapping[str, Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an Inf."""
+    return [
+        name
+        for name, tensor in tensors.items()
+        if isinstance(tensor, Tensor)
+        and tensor.is_floating_point()
+        and not bool(torch.isfinite(tensor).all())
+    ]
+
+
+def raise_non_finite(tensors: Mapping[str, Tensor], source: str) -> None:
+    """Raise `CheckpointMismatchError` naming the tensors with NaN or Inf in `source`."""
+    bad = non_finite_tensors(tensors)
+    if bad:
+        shown = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
+        raise CheckpointMismatchError(
+            f"{source}: tensor {shown} holds NaN or Inf values; use a checkpoint from before "
+            "the training diverged"
+        )
 
 
 def refuse_unsafe_loading(weights_only: bool | None) -> None:

@@ -33,7 +33,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -42,6 +42,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
+from clt_lightning.checkpoint_contents import raise_non_finite
 from clt_lightning.errors import CheckpointMismatchError, ConfigError, DataNotFoundError
 from clt_lightning.files import (
     atomic_write_bytes,
@@ -682,28 +683,6 @@ class CrossLayerTranscoder(nn.Module):
         self.output_scale.fill_(1.0)
 
 
-def non_finite_tensors(tensors: Mapping[str, Tensor]) -> list[str]:
-    """Names of the floating-point tensors holding a NaN or an Inf."""
-    return [
-        name
-        for name, tensor in tensors.items()
-        if isinstance(tensor, Tensor)
-        and tensor.is_floating_point()
-        and not bool(torch.isfinite(tensor).all())
-    ]
-
-
-def raise_non_finite(tensors: Mapping[str, Tensor], source: str) -> None:
-    """Raise `CheckpointMismatchError` naming the tensors with NaN or Inf in `source`."""
-    bad = non_finite_tensors(tensors)
-    if bad:
-        shown = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
-        raise CheckpointMismatchError(
-            f"{source}: tensor {shown} holds NaN or Inf values; use a checkpoint from before "
-            "the training diverged"
-        )
-
-
 def _export_owned(entry: Path) -> bool:
     """Entries of an export folder (the two files, and temp files of an earlier write)."""
     return entry.name in (CONFIG_FILE, WEIGHTS_FILE) or (
@@ -746,6 +725,12 @@ def _read_config(path: Path) -> dict[str, Any]:
     for key in ("n_layers", "d_model", "n_latents", "sparsifier"):
         if key not in config:
             raise CheckpointMismatchError(f"{path}: key {key!r} is missing")
+    for key in ("n_layers", "d_model", "n_latents"):
+        value = config[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise CheckpointMismatchError(f"{path}: {key} is {value!r}, not a positive integer")
+    if not isinstance(config["sparsifier"], dict):
+        raise CheckpointMismatchError(f"{path}: sparsifier is not an object")
     return config
 
 
