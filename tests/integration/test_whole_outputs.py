@@ -60,7 +60,7 @@ def same_weights(a: CrossLayerTranscoder, b: CrossLayerTranscoder) -> bool:
 def same_export(a: Path, b: Path) -> bool:
     configs = [json.loads((f / "config.json").read_text()) for f in (a, b)]
     for config in configs:
-        config.pop("weights_sha256")
+        config.pop("weights_sha256", None)
     tensors = [load_file(f / "clt.safetensors") for f in (a, b)]
     return (
         configs[0] == configs[1]
