@@ -302,8 +302,8 @@ def evaluation_subfolder(entry: Path) -> bool:
 def evaluation_owned(entry: Path) -> bool:
     """Entries an evaluation folder may hold: the suite's files, temp files and per-epoch
     subfolders."""
-    if evaluation_subfolder(entry):
-        return True
+    if evaluation_subfolder(entry) or re.fullmatch(r"\.epoch_\d+\.(partial|previous)", entry.name):
+        return True  # (the second: left by a killed per-epoch evaluation)
     return entry.is_file() and (entry.suffix in EVALUATION_SUFFIXES or entry.name.endswith(".tmp"))
 
 

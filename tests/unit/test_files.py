@@ -100,3 +100,26 @@ def test_sha256_file_matches_hashlib(tmp_path):
     data = bytes(range(256)) * 1000
     (tmp_path / "f").write_bytes(data)
     assert sha256_file(tmp_path / "f", chunk_bytes=1000) == hashlib.sha256(data).hexdigest()
+
+
+def test_evaluation_folders_keep_per_epoch_results(tmp_path):
+    """`evaluation/epoch_XX` (EvaluationCallback) survives the fit-end rewrite of
+    `evaluation/`; a leftover of a killed per-epoch evaluation does not block it."""
+    from clt_lightning.evaluation.suite import (
+        EVALUATION_WHAT,
+        evaluation_owned,
+        evaluation_subfolder,
+    )
+
+    out = tmp_path / "evaluation"
+    (out / "epoch_00").mkdir(parents=True)
+    (out / "epoch_00" / "run.json").write_text("{}")
+    (out / ".epoch_01.partial").mkdir()
+    (out / "cascade.json").write_text("old")
+    with commit_folder(out, evaluation_owned, EVALUATION_WHAT, keep=evaluation_subfolder) as new:
+        (new / "cascade.json").write_text("new")
+    assert tree(out) == {"cascade.json": b"new", "epoch_00/run.json": b"{}"}
+    (out / "checkpoints").mkdir()
+    refused = pytest.raises(ConfigError, match="checkpoints")
+    with refused, commit_folder(out, evaluation_owned, EVALUATION_WHAT):
+        raise AssertionError("not reached")
