@@ -19,9 +19,16 @@ Design decisions:
   SIGTERM: `stops_mid_epoch`), so that the resume continues that epoch. Lightning's own
   ModelCheckpoint with `every_n_train_steps` writes neither of the last two, so its
   last.ckpt could miss the final steps of a run.
-- Reading (`--ckpt_path`) is weights-only unless the user asks otherwise: a checkpoint is
-  never a way to run code. A missing, truncated or foreign file is a `CLTError` naming it,
-  not a traceback from inside torch.
+- `last.ckpt` is always the run's latest: a fit that does not resume (`--ckpt_path`) into
+  a checkpoint folder that already holds checkpoints is refused in one line (resume with
+  `--ckpt_path last`, or start over with `--checkpoint.overwrite true`, which deletes
+  them), and the version counter is off, so there is never a `last-v1.ckpt` beside a
+  stale `last.ckpt`. The CLI checks before anything is written (`before_fit`), the
+  callback again at `on_fit_start` (a Trainer used from Python).
+- Reading (`--ckpt_path`) is always weights-only: a checkpoint is never a way to run code,
+  and `weights_only=False` is refused on every path. A missing, truncated or foreign file
+  is a `CLTError` naming it, not a traceback from inside torch; what the loaded payload
+  must hold is checked by `checkpoint_contents` (`read_checkpoint` is the one reader).
 """
 
 from __future__ import annotations
@@ -38,6 +45,11 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from clt_lightning.checkpoint_contents import (
+    check_structure,
+    refuse_unsafe_loading,
+    sniff_checkpoint,
+)
 from clt_lightning.errors import (
     CheckpointMismatchError,
     ConfigError,
@@ -99,21 +111,50 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         map_location: Callable | None = lambda storage, loc: storage,
         weights_only: bool | None = None,
     ) -> dict[str, Any]:
-        """Load a checkpoint, weights-only unless `weights_only=False` is asked for.
+        """Load a checkpoint weights-only and check what it holds (`read_checkpoint`).
 
         Raises:
+            ConfigError: `weights_only=False` (never unpickled).
             DataNotFoundError: No file at `path`.
             UnreadableCheckpointError: Truncated, not a checkpoint, or holding objects a
                 weights-only load refuses (never unpickled).
+            CheckpointMismatchError: An export, or a payload that is not a checkpoint dict
+                with `state_dict` and `clt_shape`.
         """
-        if _is_local_file_protocol(path) and not Path(path).is_file():
-            raise DataNotFoundError(f"checkpoint not found: {path}")
+        refuse_unsafe_loading(weights_only)
+        if not _is_local_file_protocol(path):
+            return check_structure(path, super().load_checkpoint(path, map_location, True))
+        return read_checkpoint(path, map_location)
+
+
+def read_checkpoint(
+    path: str | Path, map_location: Any = "cpu", mmap: bool = False
+) -> dict[str, Any]:
+    """Load a local checkpoint weights-only and check its structure.
+
+    Args:
+        path: The .ckpt file.
+        map_location: As for `torch.load`.
+        mmap: Map the tensors instead of reading them (cheap look at a large file; falls
+            back to a full read for files torch cannot map).
+
+    Raises:
+        DataNotFoundError, UnreadableCheckpointError, CheckpointMismatchError: As
+            `AtomicCheckpointIO.load_checkpoint`.
+    """
+    if not Path(path).is_file():
+        raise DataNotFoundError(f"checkpoint not found: {path} (pass --ckpt_path to a .ckpt file)")
+    sniff_checkpoint(path)
+    try:
         try:
-            return super().load_checkpoint(
-                path, map_location, True if weights_only is None else weights_only
-            )
-        except CHECKPOINT_READ_ERRORS as error:
-            raise unreadable_checkpoint(path, error) from error
+            checkpoint = torch.load(path, map_location, weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            checkpoint = torch.load(path, map_location, weights_only=True)
+    except CHECKPOINT_READ_ERRORS as error:
+        raise unreadable_checkpoint(path, error) from error
+    return check_structure(path, checkpoint)
 
 
 class CLTCheckpoint(ModelCheckpoint):
@@ -128,7 +169,10 @@ class CLTCheckpoint(ModelCheckpoint):
             (weights + AdamW states: ~12 bytes per CLT parameter).
         save_top_k: Extra `epoch=..-step=..` copies to keep (0: last.ckpt only).
         save_last: Write last.ckpt (leave true: resuming needs it).
-        **kwargs: Passed to ModelCheckpoint.
+        overwrite: Start a new (not resumed) fit even though the folder holds checkpoints
+            of an earlier run: its `*.ckpt` files are deleted first. Without it such a fit
+            is refused (resume with `--ckpt_path last`).
+        **kwargs: Passed to ModelCheckpoint (`enable_version_counter` defaults to False).
     """
 
     def __init__(
@@ -137,12 +181,14 @@ class CLTCheckpoint(ModelCheckpoint):
         every_n_train_steps: int = 1000,
         save_top_k: int = 0,
         save_last: bool = True,
+        overwrite: bool = False,
         **kwargs: Any,
     ) -> None:
         if every_n_train_steps < 0:
             raise ConfigError(
                 f"checkpoint.every_n_train_steps must be >= 0, got {every_n_train_steps}"
             )
+        kwargs.setdefault("enable_version_counter", False)
         super().__init__(
             dirpath=dirpath,
             every_n_train_steps=every_n_train_steps,
@@ -150,6 +196,46 @@ class CLTCheckpoint(ModelCheckpoint):
             save_last=save_last,
             **kwargs,
         )
+        self.overwrite = overwrite
+
+    def checkpoint_dir(self, trainer: L.Trainer) -> Path:
+        """The folder the checkpoints go to (before `setup` resolves `dirpath`: the
+        trainer's log folder + `checkpoints`, as ModelCheckpoint resolves it)."""
+        if self.dirpath is not None:
+            return Path(self.dirpath)
+        return Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
+
+    def check_fresh_start(self, trainer: L.Trainer, ckpt_path: str | Path | None) -> None:
+        """Refuse a fit that would leave an earlier run's checkpoints beside its own.
+
+        Args:
+            trainer: The Trainer about to fit.
+            ckpt_path: The checkpoint the fit resumes from (None: a new run).
+
+        Raises:
+            ConfigError: The folder holds `*.ckpt` files, the fit does not resume and
+                `overwrite` is off (the message says how to resume or start over).
+        """
+        if ckpt_path is not None:
+            return
+        folder = self.checkpoint_dir(trainer)
+        previous = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
+        if not previous:
+            return
+        names = ", ".join(p.name for p in previous[:3]) + (" ..." if len(previous) > 3 else "")
+        if not self.overwrite:
+            raise ConfigError(
+                f"{folder} already holds checkpoints of a run ({names}): resume it with "
+                "`--ckpt_path last`, start over with `--checkpoint.overwrite true` (deletes "
+                "them), or choose another --trainer.default_root_dir"
+            )
+        if trainer.is_global_zero:
+            for path in previous:
+                path.unlink(missing_ok=True)
+            log.warning("checkpoint.overwrite: deleted the earlier run's %s in %s", names, folder)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.check_fresh_start(trainer, trainer.ckpt_path)
 
     def _save_last_now(self, trainer: L.Trainer) -> None:
         """Write last.ckpt unless this global step is already saved."""

@@ -35,11 +35,11 @@ from lightning.pytorch.utilities.exceptions import (  # noqa: E402
 )
 
 from clt_lightning import commands  # noqa: E402
+from clt_lightning.checkpoint_contents import refuse_unsafe_loading  # noqa: E402
 from clt_lightning.checkpointing import (  # noqa: E402
-    CHECKPOINT_READ_ERRORS,
     AtomicCheckpointIO,
     CLTCheckpoint,
-    unreadable_checkpoint,
+    read_checkpoint,
 )
 from clt_lightning.data.datamodule import ActivationDataModule  # noqa: E402
 from clt_lightning.errors import CLTError, ConfigError  # noqa: E402
@@ -149,15 +149,15 @@ class CLTLightningCLI(LightningCLI):
             super().parse_arguments(parser, args)
         except UnicodeDecodeError as error:
             parser.error(f"a config file is not UTF-8 text ({error})")
+        check_ckpt_path(self.config)
 
-    def _parse_ckpt_path(self) -> None:
-        """LightningCLI reads `--ckpt_path`'s hyperparameters here (weights-only): a broken or
-        foreign file is a CLTError naming it."""
-        try:
-            super()._parse_ckpt_path()
-        except CHECKPOINT_READ_ERRORS as error:
-            ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
-            raise unreadable_checkpoint(ckpt_path, error) from error
+    def before_fit(self) -> None:
+        """Refuse a new fit over an earlier run's checkpoints before anything is written
+        (the saved config.yaml included); see `CLTCheckpoint.check_fresh_start`."""
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, CLTCheckpoint):
+                callback.check_fresh_start(self.trainer, ckpt_path)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Resolve `trainer.logger: true` into the run folder's CSV and W&B loggers; refuse
@@ -169,6 +169,20 @@ class CLTLightningCLI(LightningCLI):
             root = config.get("default_root_dir") or "runs/default"
             kwargs["logger"] = default_loggers(root)
         return super().instantiate_trainer(**kwargs)
+
+
+def check_ckpt_path(config: Any) -> None:
+    """Before LightningCLI reads `--ckpt_path`'s hyperparameters: refuse unsafe loading and
+    any file that is not a `clt fit` checkpoint (a cheap, memory-mapped look), naming it."""
+    subcommand = config.get("subcommand")
+    if not subcommand:
+        return
+    settings = config[subcommand]
+    refuse_unsafe_loading(settings.get("weights_only"))
+    ckpt_path = settings.get("ckpt_path")
+    special = ckpt_path in ("last", "best", "hpc") or str(ckpt_path).startswith("registry")
+    if ckpt_path and not special and "://" not in str(ckpt_path):
+        read_checkpoint(ckpt_path, mmap=True)
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> CLTLightningCLI:

@@ -6,13 +6,14 @@ and dataset the CLT belongs to, the checkpoint gives the CLT.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from clt_lightning.data.datasets import DatasetConfig, build_dataset
-from clt_lightning.errors import ConfigError, DataNotFoundError
+from clt_lightning.errors import CheckpointMismatchError, ConfigError
 from clt_lightning.evaluation.suite import EvaluationConfig, RunInfo, backbone_tag, run_suite
 from clt_lightning.teacher import Teacher, TeacherConfig
 
@@ -53,13 +54,31 @@ class RetrievalConfig:
 
 
 def load_clt(ckpt_path: str | Path) -> Any:
-    """The trained CrossLayerTranscoder of a `clt fit` checkpoint (weights_only load)."""
+    """The trained CrossLayerTranscoder of a `clt fit` checkpoint.
+
+    Read weights-only and checked (`checkpointing.read_checkpoint`, then the module's
+    `on_load_checkpoint`: shapes, missing tensors, NaN/Inf) before any weight is used.
+
+    Raises:
+        DataNotFoundError: No file at `ckpt_path`.
+        CheckpointMismatchError: Not a readable `clt fit` checkpoint; names the file and
+            what is wrong or missing.
+    """
+    from clt_lightning.checkpointing import read_checkpoint
     from clt_lightning.module import CLTModule
 
     path = Path(ckpt_path)
-    if not path.is_file():
-        raise DataNotFoundError(f"checkpoint not found: {path} (pass --ckpt_path to a .ckpt file)")
-    module = CLTModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(path)
+    hparams = checkpoint.get("hyper_parameters") or {}
+    accepted = inspect.signature(CLTModule.__init__).parameters
+    module = CLTModule(**{k: v for k, v in hparams.items() if k in accepted})
+    try:
+        module.on_load_checkpoint(checkpoint)
+    except CheckpointMismatchError as error:
+        if str(path) in str(error):
+            raise
+        raise CheckpointMismatchError(f"{path}: {error}") from error
+    module.load_state_dict(checkpoint["state_dict"])
     return module.clt.eval()
 
 

@@ -6,19 +6,28 @@ a half-written file under the final name. `atomic_write_stream` is the streaming
 for large payloads (cache shards, checkpoints): content written by a callback into a fixed
 hidden temp name, a full disk reported as `DiskSpaceError`, the folder fsynced after the
 rename.
+
+`commit_folder` does the same for a multi-file output (an export, a retrieval index, an
+evaluation): the files are written into a hidden sibling staging folder, which is then
+swapped in for the destination with two renames (old folder aside, staging folder in).
+A kill at any moment leaves the old folder or the new one, never a mix; a kill between the
+two renames leaves the old folder under `previous_folder(path)`, which `recover_folder`
+(called by the next commit and by the readers) puts back.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from clt_lightning.errors import DiskSpaceError
+from clt_lightning.errors import ConfigError, DiskSpaceError
 
 
 def temp_path(path: Path) -> Path:
@@ -95,3 +104,141 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write UTF-8 text atomically (see `atomic_write_bytes`)."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def sha256_file(path: str | Path, chunk_bytes: int = 2**24) -> str:
+    """Hex sha256 of a file, read in chunks (constant memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk_bytes), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def staging_folder(path: Path) -> Path:
+    """The hidden sibling folder a `commit_folder` output is written into."""
+    return path.with_name(f".{path.name}.partial")
+
+
+def previous_folder(path: Path) -> Path:
+    """Where `commit_folder` moves the old folder between its two renames."""
+    return path.with_name(f".{path.name}.previous")
+
+
+def recover_folder(path: str | Path) -> None:
+    """Finish a `commit_folder` that was killed between its two renames.
+
+    The old folder is put back when the new one is not in place yet; it is deleted when
+    the new one is. A no-op when no commit was interrupted.
+    """
+    path = Path(path)
+    previous = previous_folder(path)
+    if not previous.is_dir():
+        return
+    if path.exists():
+        shutil.rmtree(previous, ignore_errors=True)
+    else:
+        os.replace(previous, path)
+        fsync_dir(path.parent)
+
+
+def check_replaceable(path: str | Path, owned: Callable[[Path], bool], what: str) -> None:
+    """Refuse (before any work) an output folder that `commit_folder` could not replace.
+
+    Raises:
+        ConfigError: `path` is a file, or holds entries `owned` does not recognise.
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise ConfigError(f"{path} is not a folder: give a folder (new or empty) for {what}")
+    foreign = sorted(p.name for p in path.iterdir() if not owned(p))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+        raise ConfigError(
+            f"{path} holds files that are not {what} ({shown}); it is replaced as a whole, "
+            "so choose a new or empty folder"
+        )
+
+
+def _fsync_tree(folder: Path) -> None:
+    for file in folder.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+    fsync_dir(folder)
+
+
+def retire_folder(path: Path) -> None:
+    """First rename of a commit: the old folder (if any) moves to `previous_folder(path)`."""
+    if path.exists():
+        os.replace(path, previous_folder(path))
+
+
+def install_folder(staging: Path, path: Path) -> None:
+    """Second rename of a commit: the staging folder becomes `path`."""
+    os.replace(staging, path)
+    fsync_dir(path.parent)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _carry_over(path: Path, staging: Path, keep: Callable[[Path], bool]) -> None:
+    """Hard-link the old folder's kept entries into the staging folder (the old folder is
+    untouched, so a kill at any moment loses nothing)."""
+    if not path.is_dir():
+        return
+    for entry in path.iterdir():
+        if keep(entry) and not (staging / entry.name).exists():
+            if entry.is_dir():
+                shutil.copytree(entry, staging / entry.name, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(str(entry), str(staging / entry.name))
+
+
+@contextlib.contextmanager
+def commit_folder(
+    path: str | Path,
+    owned: Callable[[Path], bool],
+    what: str,
+    keep: Callable[[Path], bool] | None = None,
+) -> Iterator[Path]:
+    """Write a multi-file output as a unit: yields an empty staging folder to fill.
+
+    On a normal exit the staging folder replaces `path` (old folder aside, staging folder
+    in, old folder deleted); on an exception it is deleted and `path` is untouched.
+
+    Args:
+        path: The output folder (created; an existing one is replaced as a whole).
+        owned: True for an entry of an existing `path` that this output writes; any other
+            entry makes the commit refuse to start (replacing would delete it).
+        what: What the folder holds, for messages ("a clt export").
+        keep: True for an entry of the old folder that the new one keeps unless it writes
+            its own (e.g. per-epoch subfolders); carried over as hard links before the swap.
+
+    Raises:
+        ConfigError: `path` is a file, or holds entries `owned` does not recognise.
+    """
+    path = Path(path)
+    recover_folder(path)
+    check_replaceable(path, owned, what)
+    staging = staging_folder(path)
+    shutil.rmtree(staging, ignore_errors=True)  # left by an earlier, killed commit
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        if keep is not None:
+            _carry_over(path, staging, keep)
+        _fsync_tree(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    retire_folder(path)
+    install_folder(staging, path)
+    shutil.rmtree(previous_folder(path), ignore_errors=True)

@@ -31,6 +31,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from clt_lightning.checkpoint_contents import check_state, check_training_state
 from clt_lightning.errors import CheckpointMismatchError, ConfigError, NonFiniteLossError
 from clt_lightning.metrics import ReconstructionMetrics, flatten_layer_metrics
 from clt_lightning.models.clt import CrossLayerTranscoder
@@ -205,10 +206,23 @@ class CLTModule(L.LightningModule):
         return itertools.islice(loader, self.sparsifier_config.calibration_batches)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Rebuild the CLT from `clt_shape` and check the weights before Lightning loads them
+        (`checkpoint_contents`); resuming a fit also needs the training state.
+
+        Raises:
+            CheckpointMismatchError: Another teacher's shape, another `n_latents`, missing,
+                unexpected, misshapen or non-finite tensors, or (fit) no optimiser state.
+        """
+        trainer = attached_trainer(self)
+        source = (
+            f"the checkpoint {trainer.ckpt_path}"
+            if trainer and trainer.ckpt_path
+            else ("the checkpoint")
+        )
         shape = checkpoint.get("clt_shape")
         if shape is None:
             raise CheckpointMismatchError(
-                "checkpoint has no 'clt_shape': not a CLTModule checkpoint"
+                f"{source} has no 'clt_shape': not a CLTModule checkpoint"
             )
         built = None if self.clt is None else (self.clt.n_layers, self.clt.d_model)
         if built is not None and built != (shape["n_layers"], shape["d_model"]):
@@ -223,6 +237,9 @@ class CLTModule(L.LightningModule):
                 f"checkpoint has n_latents={shape['n_latents']} but the config gives "
                 f"{clt.n_latents} (model.expansion / model.n_latents)"
             )
+        check_state(self.state_dict(), checkpoint["state_dict"], source)
+        if trainer is not None and trainer.state.fn == "fit":
+            check_training_state(checkpoint, source)
 
     # ------------------------------------------------------------------ training
     def progress(self) -> float:
@@ -370,6 +387,14 @@ def check_training_precision(precision: str | int | None) -> None:
             "updates round to zero and training stalls: use trainer.precision=bf16-mixed "
             "(16-bit compute, float32 weights) or 32-true"
         )
+
+
+def attached_trainer(module: L.LightningModule) -> L.Trainer | None:
+    """The module's Trainer, or None when it is used on its own (`load_clt`)."""
+    try:
+        return module.trainer
+    except RuntimeError:  # "not attached to a `Trainer`"
+        return None
 
 
 def fused_adamw_supported(params: list[Tensor]) -> bool | None:

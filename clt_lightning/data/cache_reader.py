@@ -24,30 +24,16 @@ from clt_lightning.data.cache_format import (
     _read_manifest,
     parse_safetensors,
 )
+from clt_lightning.data.cache_manifest import validate_manifest
 from clt_lightning.data.cache_stats import CacheStats, Moments
 from clt_lightning.errors import (
     CacheError,
     CorruptShardError,
 )
 
-_REQUIRED_MANIFEST_KEYS = (
-    "format_version",
-    "complete",
-    "n_layers",
-    "d_model",
-    "tokens_per_image",
-    "dtype",
-    "shards",
-    "stats",
-    "teacher",
-    "dataset",
-)
-
 
 def _validate_manifest(path: Path, manifest: Mapping[str, Any]) -> None:
-    missing = [key for key in _REQUIRED_MANIFEST_KEYS if key not in manifest]
-    if missing:
-        raise CacheError(f"cache manifest {path / MANIFEST_NAME} lacks field(s) {missing}")
+    validate_manifest(path / MANIFEST_NAME, manifest)
     if manifest["format_version"] != FORMAT_VERSION:
         raise CacheError(
             f"cache {path} has format_version {manifest['format_version']!r}; this version of "

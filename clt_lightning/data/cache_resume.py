@@ -15,6 +15,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from clt_lightning.data.cache_format import (
     _SHARD_RE,
     DTYPES,
@@ -23,6 +25,7 @@ from clt_lightning.data.cache_format import (
     _human_bytes,
     _read_manifest,
 )
+from clt_lightning.data.cache_manifest import validate_manifest
 from clt_lightning.data.cache_shards import _CacheState
 from clt_lightning.data.cache_stats import Moments
 from clt_lightning.errors import (
@@ -30,6 +33,7 @@ from clt_lightning.errors import (
     CorruptShardError,
     DiskSpaceError,
 )
+from clt_lightning.files import sha256_file
 
 try:  # POSIX only; elsewhere concurrent writers are not detected.
     import fcntl
@@ -83,13 +87,23 @@ def _check_foreign_files(out_dir: Path) -> None:
 
 
 def _check_listed_shards(out_dir: Path, manifest: Mapping[str, Any]) -> None:
-    for record in manifest.get("shards", []):
+    """Before appending: every listed shard is there, of its size, and of its sha256 (a
+    bit flip in a listed shard would otherwise be resumed and marked complete)."""
+    shards = manifest["shards"]
+    for record in shards:
         path = out_dir / record["file"]
         if not path.is_file() or path.stat().st_size != record["bytes"]:
             found = f"{path.stat().st_size} bytes" if path.is_file() else "missing"
             raise CorruptShardError(
                 f"{path} is listed in {out_dir / MANIFEST_NAME} with {record['bytes']} bytes "
                 f"but is {found}; delete {out_dir} and rerun to rebuild the cache"
+            )
+    for record in tqdm(shards, desc="verifying written shards", unit="shard", leave=False):
+        path = out_dir / record["file"]
+        if sha256_file(path) != record["sha256"]:
+            raise CorruptShardError(
+                f"{path} does not match its sha256 in {out_dir / MANIFEST_NAME} (corrupted "
+                f"since it was written); delete {out_dir} and rerun to rebuild the cache"
             )
 
 
@@ -119,6 +133,7 @@ def _start_or_resume(
             manifest, Moments.empty(n_layers, d_model), Moments.empty(n_layers, d_model)
         )
     manifest = _read_manifest(manifest_path)
+    validate_manifest(manifest_path, manifest)
     diff = settings_diff({key: manifest.get(key) for key in settings}, settings)
     if diff:
         raise CacheError(

@@ -23,6 +23,7 @@ from clt_lightning.data.cache_format import (
     _human_bytes,
     shard_file_name,
 )
+from clt_lightning.data.cache_manifest import stats_digest
 from clt_lightning.data.cache_stats import Moments
 from clt_lightning.errors import (
     CacheError,
@@ -58,8 +59,9 @@ class _CacheState:
 
     def to_manifest(self) -> dict[str, Any]:
         """The manifest with the statistics filled in (stats last, as they are long)."""
-        manifest = {k: v for k, v in self.manifest.items() if k != "stats"}
+        manifest = {k: v for k, v in self.manifest.items() if k not in ("stats", "stats_sha256")}
         manifest["stats"] = {"n_tokens": self.x.n, "x": self.x.to_json(), "y": self.y.to_json()}
+        manifest["stats_sha256"] = stats_digest(manifest["stats"])
         return manifest
 
     def commit(self, job: _ShardJob, record: dict[str, Any], x: Moments, y: Moments) -> None:

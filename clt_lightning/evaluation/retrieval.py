@@ -27,6 +27,7 @@ corpus of descriptors. The index folder holds ``layer_XX.faiss``,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Sequence
@@ -81,14 +82,18 @@ from clt_lightning.evaluation.retrieval_index import (
 )
 from clt_lightning.evaluation.retrieval_search import (
     FORMAT_VERSION,
+    INDEX_WHAT,
     MANIFEST_NAME,
     REBUILD_HINT,
     LayerNeighbours,
     RetrievalIndex,
     _raise_mismatch,
+    build_manifest,
+    index_folder_owned,
     provenance_problems,
 )
 from clt_lightning.evaluation.undefined import Undefined, write_json
+from clt_lightning.files import check_replaceable, commit_folder, recover_folder
 
 log = logging.getLogger(__name__)
 
@@ -169,22 +174,6 @@ def _validate_build(
         new_index(index_type, n_latents, similarity)
 
 
-def _build_manifest(descriptors: DescriptorFiles, plan: IndexPlan, dim: int, **fields: Any) -> dict:
-    return {
-        "format_version": FORMAT_VERSION,
-        "kind": "clt-lightning retrieval index",
-        **fields,
-        "index_type": plan.factory,
-        "nprobe": plan.nprobe,
-        "estimated_bytes_per_layer": plan.estimated_bytes,
-        "n_images": len(descriptors.image_ids),
-        "dim": dim,
-        "layers": list(descriptors.layers),
-        "image_ids": descriptors.image_ids.tolist(),
-        "labels": descriptors.labels.tolist(),
-    }
-
-
 def _write_layer_indexes(
     files: DescriptorFiles, plan: IndexPlan, similarity: str, out_dir: Path, use_gpu: bool | None
 ) -> dict[str, str]:
@@ -223,7 +212,8 @@ def build_index(
         clt: `CrossLayerTranscoder` (``encode``).
         corpus: The images to search (the train split), yielding ``(image, label)``, with
             ``class_names`` (and ideally ``identity()``).
-        out_dir: Index folder; an existing manifest there is removed first.
+        out_dir: Index folder; built beside it and swapped in as a whole, so an existing
+            index stays usable until the new one is complete (never a mix of the two).
         aggregation: One of `AGGREGATIONS`.
         similarity: One of `SIMILARITIES`.
         index_type: Force a FAISS factory string (default: `choose_index_type`).
@@ -242,41 +232,42 @@ def build_index(
     """
     _validate_build(aggregation, similarity, descriptor_dtype, clt, index_type)
     out_dir = Path(out_dir)
-    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)  # the folder is invalid until rewritten
+    check_replaceable(out_dir, index_folder_owned, INDEX_WHAT)  # before the corpus pass
     fingerprint = clt_fingerprint(clt)
-    files = compute_descriptors(
-        teacher,
-        clt,
-        corpus,
-        out_dir,
-        aggregation=aggregation,
-        layers=layers,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        dtype=descriptor_dtype,
-        progress=progress,
-    )
-    n_images, dim = files.load(0).shape
-    plan = plan_index(n_images, dim, memory_budget_bytes // len(files.layers), index_type)
-    file_hashes = _write_layer_indexes(files, plan, similarity, out_dir, use_gpu)
-    if not keep_descriptors:
-        for path in files.paths:
-            path.unlink()
-    manifest = _build_manifest(
-        files,
-        plan,
-        dim,
-        teacher=_json_normal(teacher.identity()),
-        clt_fingerprint=fingerprint,
-        dataset=dataset_identity(corpus),
-        class_names=list(getattr(corpus, "class_names", [])),
-        aggregation=aggregation,
-        similarity=similarity,
-        descriptor_dtype=descriptor_dtype,
-        descriptors_kept=keep_descriptors,
-        files=file_hashes,
-    )
-    _write_json_atomic(out_dir / MANIFEST_NAME, manifest)
+    with commit_folder(out_dir, index_folder_owned, INDEX_WHAT) as staging:
+        files = compute_descriptors(
+            teacher,
+            clt,
+            corpus,
+            staging,
+            aggregation=aggregation,
+            layers=layers,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            dtype=descriptor_dtype,
+            progress=progress,
+        )
+        n_images, dim = files.load(0).shape
+        plan = plan_index(n_images, dim, memory_budget_bytes // len(files.layers), index_type)
+        file_hashes = _write_layer_indexes(files, plan, similarity, staging, use_gpu)
+        if not keep_descriptors:
+            for path in files.paths:
+                path.unlink()
+        manifest = build_manifest(
+            files,
+            plan,
+            dim,
+            teacher=_json_normal(teacher.identity()),
+            clt_fingerprint=fingerprint,
+            dataset=dataset_identity(corpus),
+            class_names=list(getattr(corpus, "class_names", [])),
+            aggregation=aggregation,
+            similarity=similarity,
+            descriptor_dtype=descriptor_dtype,
+            descriptors_kept=keep_descriptors,
+            files=file_hashes,
+        )
+        _write_json_atomic(staging / MANIFEST_NAME, manifest)
     log.info("retrieval index written to %s (%d layers)", out_dir, len(files.layers))
     return RetrievalIndex.load(out_dir, verify=False, use_gpu=use_gpu)
 
@@ -388,6 +379,8 @@ def _open_or_build(
     rebuild: bool,
     build_kwargs: dict,
 ) -> tuple[RetrievalIndex, bool]:
+    with contextlib.suppress(OSError):  # read-only storage: use what is there
+        recover_folder(index_dir)
     if rebuild or not (index_dir / MANIFEST_NAME).is_file():
         log.info("building the retrieval index in %s", index_dir)
         return build_index(teacher, clt, corpus, index_dir, **build_kwargs), True

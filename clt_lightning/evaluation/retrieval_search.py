@@ -39,6 +39,32 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+INDEX_WHAT = "a retrieval index"
+INDEX_SUFFIXES = (".faiss", ".npy", ".json", ".partial", ".tmp")
+
+
+def index_folder_owned(entry: Path) -> bool:
+    """Entries an index folder may hold (replaced as a whole by a rebuild)."""
+    return entry.is_file() and entry.suffix in INDEX_SUFFIXES
+
+
+def build_manifest(descriptors: Any, plan: Any, dim: int, **fields: Any) -> dict:
+    """The index manifest: `fields` plus the plan (`IndexPlan`) and the corpus of `DescriptorFiles`."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": "clt-lightning retrieval index",
+        **fields,
+        "index_type": plan.factory,
+        "nprobe": plan.nprobe,
+        "estimated_bytes_per_layer": plan.estimated_bytes,
+        "n_images": len(descriptors.image_ids),
+        "dim": dim,
+        "layers": list(descriptors.layers),
+        "image_ids": descriptors.image_ids.tolist(),
+        "labels": descriptors.labels.tolist(),
+    }
+
+
 REBUILD_HINT = (
     "rebuild the index with `clt retrieve ... --retrieval.rebuild true` "
     "(Python: build_and_query(..., rebuild=True) or build_index(...))"
@@ -120,12 +146,42 @@ def _read_manifest(path: Path) -> dict:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as err:
         raise CacheError(f"{manifest_path} is not valid JSON ({err}); {REBUILD_HINT}") from err
+    if not isinstance(manifest, dict):
+        raise CacheError(f"{manifest_path} is not a JSON object; {REBUILD_HINT}")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CacheError(
             f"{manifest_path} has format_version {manifest.get('format_version')!r}; this "
             f"version reads {FORMAT_VERSION}; {REBUILD_HINT}"
         )
+    _validate_fields(manifest_path, manifest)
     return manifest
+
+
+_MANIFEST_TYPES = {"files": dict, "n_images": int, "dim": int, "layers": list, "labels": list,
+                   "image_ids": list, "class_names": list, "aggregation": str,
+                   "similarity": str, "clt_fingerprint": str}  # fmt: skip
+
+
+def _validate_fields(manifest_path: Path, manifest: dict) -> None:
+    """Every field a load or a search uses, before any is used (CacheError names it)."""
+
+    def fail(field: str, problem: str) -> CacheError:
+        return CacheError(
+            f"retrieval index manifest {manifest_path}: field {field!r} {problem}; {REBUILD_HINT}"
+        )
+
+    for field, kind in _MANIFEST_TYPES.items():
+        if field not in manifest:
+            raise fail(field, "is missing")
+        if not isinstance(manifest[field], kind) or isinstance(manifest[field], bool):
+            raise fail(field, f"is {manifest[field]!r}, not a {kind.__name__}")
+    for field in ("labels", "image_ids"):
+        if len(manifest[field]) != manifest["n_images"]:
+            raise fail(
+                field, f"has {len(manifest[field])} entries, n_images is {manifest['n_images']}"
+            )
+    if not all(isinstance(layer, int) for layer in manifest["layers"]):
+        raise fail("layers", "is not a list of layer indices")
 
 
 def _read_layer_index(path: Path, manifest: dict, layer: int, verify: bool) -> faiss.Index:

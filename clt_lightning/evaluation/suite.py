@@ -12,13 +12,17 @@ and writes, into `output_dir`:
     reconstruction.json   per-layer MSE, R^2, cosine, L0 for all / cls / patch tokens
     *.png                 cascade curves, contribution heatmaps, reconstruction curves
 
-Every file is written atomically; `run.json` is written last, so a folder with `run.json`
-holds a complete evaluation (`experiments/tables.py` relies on that).
+The folder is committed as a unit (`files.commit_folder`): every file is written into a
+hidden sibling folder that then replaces `output_dir`, so a kill leaves the previous
+evaluation or the new one, never a mix. `run.json` still marks a complete evaluation
+(`experiments/tables.py` relies on that). An existing `output_dir` holding anything but
+these files (e.g. the run folder itself) is refused before any work.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +35,7 @@ from clt_lightning.errors import ConfigError
 from clt_lightning.evaluation import ablations, contributions, faithfulness, replacement, zeroshot
 from clt_lightning.evaluation._io import write_csv, write_markdown
 from clt_lightning.evaluation.undefined import Undefined, nan_to_undefined, write_json
+from clt_lightning.files import check_replaceable, commit_folder
 from clt_lightning.metrics import ReconstructionMetrics
 
 log = logging.getLogger(__name__)
@@ -238,8 +243,7 @@ def run_suite(
             f"dataset {info.dataset!r} has no class names: cannot build a zero-shot head"
         )
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "run.json").unlink(missing_ok=True)  # incomplete until rewritten at the end
+    check_replaceable(out, evaluation_owned, EVALUATION_WHAT)  # before the work, not after
     clt.eval()
     images = evaluation_images(dataset, config.n_images, config.seed)
     loader = DataLoader(images, batch_size=config.batch_size, num_workers=config.num_workers)
@@ -288,16 +292,37 @@ def run_suite(
     payloads["ablations"] = _ablation_payload(ablation, scores, L)
     log.info("reconstruction metrics")
     payloads["reconstruction"] = reconstruction_metrics(teacher, clt, loader)
-    _write_outputs(out, payloads, result, reports, ablation, scores, info, config)
     run = {
         **asdict(info),
         "sparsifier": clt.sparsifier.name,
         "n_images": len(images),
         "n_layers": L,
     }
+    with commit_folder(
+        out, evaluation_owned, EVALUATION_WHAT, keep=evaluation_subfolder
+    ) as staging:
+        _write_outputs(staging, payloads, result, reports, ablation, scores, info, config)
+        _write_json(staging / "run.json", run)
     payloads["run"] = run
-    _write_json(out / "run.json", run)
     return payloads
+
+
+EVALUATION_WHAT = "evaluation results"
+EVALUATION_SUFFIXES = (".json", ".md", ".csv", ".png")
+
+
+def evaluation_subfolder(entry: Path) -> bool:
+    """A per-epoch evaluation (`EvaluationCallback`: `evaluation/epoch_XX`), kept when the
+    folder above it is rewritten."""
+    return entry.is_dir() and re.fullmatch(r"epoch_\d+", entry.name) is not None
+
+
+def evaluation_owned(entry: Path) -> bool:
+    """Entries an evaluation folder may hold: the suite's files, temp files and per-epoch
+    subfolders."""
+    if evaluation_subfolder(entry) or re.fullmatch(r"\.epoch_\d+\.(partial|previous)", entry.name):
+        return True  # (the second: left by a killed per-epoch evaluation)
+    return entry.is_file() and (entry.suffix in EVALUATION_SUFFIXES or entry.name.endswith(".tmp"))
 
 
 def _ablation_payload(ablation: Any, scores: Any, n_layers: int) -> dict[str, Any]:

@@ -18,13 +18,18 @@ Design decisions (equations, initialisation and the export format are in docs/mo
 - Sparse decoding lives in `models/sparse_decode.py` and is imported lazily; without it,
   codes are scattered into a dense tensor and decoded densely (same result).
 - `save_pretrained` folds the scales into the weights so the exported CLT reads raw
-  activations, with circuit-tracer's tensor names.
+  activations, with circuit-tracer's tensor names. The folder is committed as a unit
+  (`files.commit_folder`: written beside it, then swapped in), and config.json records the
+  weights' sha256, so a reader never pairs one export's config with another's weights.
+  Non-finite weights are refused on export and on load, naming the tensor.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -37,8 +42,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
+from clt_lightning.checkpoint_contents import raise_non_finite
 from clt_lightning.errors import CheckpointMismatchError, ConfigError, DataNotFoundError
-from clt_lightning.files import atomic_write_bytes
+from clt_lightning.files import (
+    atomic_write_bytes,
+    commit_folder,
+    previous_folder,
+    recover_folder,
+    sha256_file,
+)
 from clt_lightning.models.sparsifiers import (
     AbsTopK,
     LossContext,
@@ -567,18 +579,29 @@ class CrossLayerTranscoder(nn.Module):
     def save_pretrained(self, path: str | Path) -> Path:
         """Write config.json and clt.safetensors (scales folded in; reads raw activations).
 
+        The folder is replaced as a whole (old export or new, never a mix, even when killed).
+
         Args:
-            path: Output directory (created if missing).
+            path: Output directory (created if missing; an existing export is replaced).
 
         Returns:
             The directory.
+
+        Raises:
+            CheckpointMismatchError: A weight is NaN or Inf (names the tensor).
+            ConfigError: `path` is a file or holds files other than an export's.
         """
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        tensors = self.export_tensors()
+        raise_non_finite(tensors, "the CLT to export")
         metadata = {"format": "clt-lightning", "format_version": str(FORMAT_VERSION)}
-        atomic_write_bytes(path / WEIGHTS_FILE, save(self.export_tensors(), metadata=metadata))
-        config = json.dumps(self.export_config(), indent=2) + "\n"
-        atomic_write_bytes(path / CONFIG_FILE, config.encode())
+        weights = save(tensors, metadata=metadata)
+        config = {**self.export_config(), "weights_sha256": hashlib.sha256(weights).hexdigest()}
+        with commit_folder(path, _export_owned, "a CLT export") as staging:
+            atomic_write_bytes(staging / WEIGHTS_FILE, weights)
+            atomic_write_bytes(
+                staging / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode()
+            )
         return path
 
     @classmethod
@@ -597,9 +620,12 @@ class CrossLayerTranscoder(nn.Module):
         Raises:
             DataNotFoundError: The directory or one of its files does not exist.
             CheckpointMismatchError: Unreadable file, unsupported version, missing tensor,
-                or a tensor whose shape does not match config.json.
+                a tensor whose shape does not match config.json, NaN/Inf weights, or
+                weights whose sha256 differs from config.json's (another export's).
         """
         path = Path(path)
+        with contextlib.suppress(OSError):  # read-only storage: read what is there
+            recover_folder(path)
         config = _read_config(path / CONFIG_FILE)
         try:
             sparsifier = SparsifierConfig(**config["sparsifier"])
@@ -614,6 +640,7 @@ class CrossLayerTranscoder(nn.Module):
         )
         weights = path / WEIGHTS_FILE
         model.load_exported(_read_tensors(weights), source=str(weights))
+        _check_weights_hash(weights, config.get("weights_sha256"), path / CONFIG_FILE)
         return model.to(map_location).eval()
 
     def _expected_export_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -636,7 +663,8 @@ class CrossLayerTranscoder(nn.Module):
             source: Where they came from (for error messages).
 
         Raises:
-            CheckpointMismatchError: A tensor is missing or has the wrong shape.
+            CheckpointMismatchError: A tensor is missing, has the wrong shape, or holds
+                NaN or Inf.
         """
         expected = self._expected_export_shapes()
         for name, shape in expected.items():
@@ -649,6 +677,7 @@ class CrossLayerTranscoder(nn.Module):
                     f" (n_layers={self.n_layers}, d_model={self.d_model},"
                     f" n_latents={self.n_latents})"
                 )
+        raise_non_finite({name: tensors[name] for name in expected}, source)
         extra = sorted(set(tensors) - set(expected))
         if extra:
             log.warning("%s: ignoring unexpected tensors %s", source, extra)
@@ -665,9 +694,31 @@ class CrossLayerTranscoder(nn.Module):
         self.output_scale.fill_(1.0)
 
 
+def _export_owned(entry: Path) -> bool:
+    """Entries of an export folder (the two files, and temp files of an earlier write)."""
+    return entry.name in (CONFIG_FILE, WEIGHTS_FILE) or (
+        entry.name.startswith(".") and entry.name.endswith(".tmp")
+    )
+
+
+def _check_weights_hash(weights: Path, expected: str | None, config: Path) -> None:
+    """Exports since config.json recorded `weights_sha256`: the pair must belong together."""
+    if expected is not None and sha256_file(weights) != expected:
+        raise CheckpointMismatchError(
+            f"{weights} is not the weights file {config} was written with (sha256 differs): "
+            "the folder mixes two exports, or the weights were edited; export the checkpoint "
+            "again (or delete weights_sha256 from config.json to accept edited weights)"
+        )
+
+
 def _read_config(path: Path) -> dict[str, Any]:
     """Read and check config.json of an exported CLT."""
     if not path.is_file():
+        if previous_folder(path.parent).is_dir():
+            raise DataNotFoundError(
+                f"{path} does not exist: an interrupted export left the previous one in "
+                f"{previous_folder(path.parent)}; rerun the export (or rename that folder back)"
+            )
         raise DataNotFoundError(
             f"{path} does not exist; expected a directory written by "
             "CrossLayerTranscoder.save_pretrained (config.json + clt.safetensors)"
@@ -685,6 +736,12 @@ def _read_config(path: Path) -> dict[str, Any]:
     for key in ("n_layers", "d_model", "n_latents", "sparsifier"):
         if key not in config:
             raise CheckpointMismatchError(f"{path}: key {key!r} is missing")
+    for key in ("n_layers", "d_model", "n_latents"):
+        value = config[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise CheckpointMismatchError(f"{path}: {key} is {value!r}, not a positive integer")
+    if not isinstance(config["sparsifier"], dict):
+        raise CheckpointMismatchError(f"{path}: sparsifier is not an object")
     return config
 
 

@@ -18,3 +18,17 @@ def tiny_cache(tmp_path_factory) -> Path:
     code, err = quiet_cli(["cache", "--config", str(config)])
     assert code == 0, err
     return root / "activations"
+
+
+@pytest.fixture(scope="module")
+def two_runs(tiny_cache, tmp_path_factory) -> tuple[Path, Path]:
+    """Two short tiny runs with different learning rates (2 steps each); their last.ckpt."""
+    root = tmp_path_factory.mktemp("two_runs")
+    paths = []
+    for name, lr in (("a", "3e-3"), ("b", "1e-2")):
+        config = write_config(root / f"{name}.yaml", tiny_cache, root / name)
+        code, err = quiet_cli(["fit", "--config", str(config), "--trainer.max_steps", "2",
+                               "--model.lr", lr])  # fmt: skip
+        assert code == 0, err[-3000:]
+        paths.append(root / name / "checkpoints" / "last.ckpt")
+    return paths[0], paths[1]

@@ -373,9 +373,9 @@ def _tree(folder: Path, suffixes: tuple[str, ...] = (".json", ".csv", ".md")) ->
 @pytest.mark.slow
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
 def test_sigkill_clt_evaluate_then_rerun(tiny_cache, reference, tmp_path):
-    """`clt evaluate` killed after its first result file: no run.json (the completion
-    marker) and no temp file pretending to be a result; the rerun writes exactly what an
-    uninterrupted evaluation writes."""
+    """`clt evaluate` killed after its first result file: the output folder does not exist
+    yet (results are staged in a hidden sibling folder, swapped in when whole); the rerun
+    writes exactly what an uninterrupted evaluation writes and leaves no staging folder."""
     config = write_config(tmp_path / "run.yaml", tiny_cache, tmp_path / "run")
     common = ["--ckpt_path", str(last_ckpt(reference)), "--evaluation.n_images", "4",
               "--evaluation.figures", "false",
@@ -388,13 +388,13 @@ def test_sigkill_clt_evaluate_then_rerun(tiny_cache, reference, tmp_path):
         wait_for(marker.exists, child, log)
     finally:
         assert kill(child) == -signal.SIGKILL
-    assert list(killed.glob("*.json")) and not (killed / "run.json").exists()
-    assert not [p for p in killed.iterdir() if p.name.startswith(".")]  # no temp files
+    staging = tmp_path / ".killed.partial"
+    assert not killed.exists() and list(staging.glob("*.json"))
     code, err = quiet_cli([*args])
     assert code == 0, err[-3000:]
     code, err = quiet_cli([*args[:-1], str(whole)])
     assert code == 0, err[-3000:]
-    assert (killed / "run.json").exists()
+    assert (killed / "run.json").exists() and not staging.exists()
     assert _tree(killed) == _tree(whole)
     KILLS.append("evaluate: SIGKILL after the first result file")
 
@@ -402,9 +402,9 @@ def test_sigkill_clt_evaluate_then_rerun(tiny_cache, reference, tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
 def test_sigkill_clt_retrieve_then_rerun(tiny_cache, reference, tmp_path):
-    """`clt retrieve` killed after writing its first per-layer index: the index folder has
-    no manifest (so it is never used as complete) and the rerun rebuilds it and returns the
-    neighbours of an uninterrupted run."""
+    """`clt retrieve` killed after writing its first per-layer index: the index folder does
+    not exist yet (built in a hidden sibling folder, swapped in when whole), and the rerun
+    rebuilds it and returns the neighbours of an uninterrupted run."""
     config = write_config(tmp_path / "run.yaml", tiny_cache, tmp_path / "run")
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     marker, log = tmp_path / "paused", tmp_path / "child.log"
@@ -419,11 +419,12 @@ def test_sigkill_clt_retrieve_then_rerun(tiny_cache, reference, tmp_path):
     finally:
         assert kill(child) == -signal.SIGKILL
     index_dir = killed / "index_cls"
-    assert any(index_dir.iterdir()) and not (index_dir / "manifest.json").exists()
+    staging = killed / ".index_cls.partial"
+    assert not index_dir.exists() and any(staging.glob("*.faiss"))
     for out in (killed, whole):
         code, err = quiet_cli(args(out))
         assert code == 0, err[-3000:]
-    assert (index_dir / "manifest.json").exists()
+    assert (index_dir / "manifest.json").exists() and not staging.exists()
     name = "retrieval_val00001_cls.json"
     results = [json.loads((out / name).read_text()) for out in (killed, whole)]
     for result in results:

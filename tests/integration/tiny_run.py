@@ -375,12 +375,25 @@ def _pause_in_index_write() -> None:
     retrieval._write_index_atomic = write
 
 
+def _pause_between_folder_renames() -> None:
+    """`files.commit_folder`: block after the old folder moved aside, before the new one
+    takes its place (the one moment the output folder does not exist)."""
+    import clt_lightning.files as files
+
+    def install(staging: Path, path: Path) -> None:
+        _block()
+
+    files.install_folder = install
+
+
 PAUSES: dict[str, Callable[[], None]] = {
     "cache_after_2_shards": lambda: _pause_after_manifest(2),
     "evaluate_after_1_file": lambda: _pause_after_atomic_writes(
         "clt_lightning.evaluation.suite", 1
     ),
     "retrieve_after_1_index": _pause_in_index_write,
+    "export_after_weights": lambda: _pause_after_atomic_writes("clt_lightning.models.clt", 1),
+    "between_folder_renames": _pause_between_folder_renames,
 }
 
 

@@ -378,6 +378,26 @@ def test_from_pretrained_errors(tmp_path: Path) -> None:
         CrossLayerTranscoder.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize(("key", "value"), [("n_layers", "3"), ("d_model", 0), ("sparsifier", "x")])
+def test_export_config_values_are_checked(tmp_path: Path, key: str, value) -> None:
+    """Issue 12 kind 4: config.json fields are checked before use (a string n_layers was a
+    TypeError inside the constructor)."""
+    make_model().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, key: value}))
+    with pytest.raises(CheckpointMismatchError, match=f"config.json: {key} is"):
+        CrossLayerTranscoder.from_pretrained(tmp_path)
+
+
+def test_nan_weights_are_not_exported(tmp_path: Path) -> None:
+    model = make_model()
+    with torch.no_grad():
+        model.b_enc[1, 2] = float("nan")
+    with pytest.raises(CheckpointMismatchError, match="tensor b_enc_1 holds NaN or Inf"):
+        model.save_pretrained(tmp_path / "export")
+    assert not (tmp_path / "export").exists() and list(tmp_path.iterdir()) == []
+
+
 # --------------------------------------------------------------------------- training
 
 

@@ -8,6 +8,8 @@ against numpy computed independently (token means, brute-force cosine/ip/l2 sear
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import faiss
@@ -396,3 +398,26 @@ def test_gpu_index_matches_cpu():
     (d_cpu, i_cpu), (d_gpu, i_gpu) = cpu.search(query, 10), gpu_search.search(query, 10)
     np.testing.assert_array_equal(i_cpu, i_gpu)
     np.testing.assert_allclose(d_cpu, d_gpu, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (lambda m: m.pop("files"), "files"),
+        (lambda m: m.update(n_images="16"), "n_images"),
+        (lambda m: m.update(labels=m["labels"][:-1]), "labels"),
+        (lambda m: m.update(layers="all"), "layers"),
+        (lambda m: m.pop("clt_fingerprint"), "clt_fingerprint"),
+    ],
+)
+def test_damaged_index_manifest_names_the_field(tmp_path, built, edit, field):
+    """Issue 12 kind 4: a retrieval manifest is validated before use (was a KeyError or
+    TypeError at search time)."""
+    copy = tmp_path / "index"
+    shutil.copytree(built.path, copy)
+    path = copy / R.MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match=rf"manifest {re.escape(str(path))}: field '{field}'"):
+        R.RetrievalIndex.load(copy)
