@@ -16,7 +16,6 @@ Errors caused by the user (`CLTError`) are printed as one line and exit with sta
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import sys
@@ -40,7 +39,9 @@ from clt_lightning.checkpointing import (  # noqa: E402
 from clt_lightning.data.datamodule import ActivationDataModule  # noqa: E402
 from clt_lightning.errors import CLTError, ConfigError  # noqa: E402
 from clt_lightning.evaluation.suite import EvaluationConfig  # noqa: E402
+from clt_lightning.files import is_disk_full, require_folder  # noqa: E402
 from clt_lightning.loggers import default_loggers  # noqa: E402
+from clt_lightning.messages import user_message  # noqa: E402
 from clt_lightning.module import CLTModule  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ class CLTTrainer(Trainer):
             ckpt_path: Checkpoint written by `clt fit`.
             output_dir: Folder for `config.json` and `clt.safetensors`.
         """
+        require_folder(output_dir, "output_dir")
         commands.load_clt(ckpt_path).save_pretrained(output_dir)
         log.info("exported %s to %s", ckpt_path, output_dir)
 
@@ -130,6 +132,7 @@ class CLTLightningCLI(LightningCLI):
             isinstance(c, ModelCheckpoint) for c in configured
         ):
             callbacks = [c for c in callbacks if not isinstance(c, CLTCheckpoint)]
+        check_trainer_settings(config)
         plugins = config.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
@@ -164,6 +167,23 @@ class CLTLightningCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
+def check_trainer_settings(config: dict[str, Any]) -> None:
+    """Refuse trainer values Lightning would silently reinterpret, before any work.
+
+    Raises:
+        ConfigError: `gradient_clip_val` <= 0 (Lightning turns clipping off) or a
+            `default_root_dir` that is a file.
+    """
+    clip = config.get("gradient_clip_val")
+    if clip is not None and not clip > 0:
+        raise ConfigError(
+            f"trainer.gradient_clip_val must be > 0 (the largest gradient norm or value) or "
+            f"null for no clipping, got {clip}"
+        )
+    if config.get("default_root_dir"):
+        require_folder(config["default_root_dir"], "trainer.default_root_dir")
+
+
 def build_cli(args: list[str] | None = None, run: bool = True) -> CLTLightningCLI:
     """Build (and by default run) the CLI; `args` replaces sys.argv[1:] (for tests)."""
     return CLTLightningCLI(
@@ -184,18 +204,13 @@ def main(args: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         build_cli(args)
-    except CLTError as error:
-        print(f"clt: error: {error}", file=sys.stderr)
+    except (CLTError, OSError) as error:  # ours, or any file-system error: one line, no trace
+        print(f"clt: error: {user_message(error)}", file=sys.stderr)
         return 2
-    except OSError as error:  # a full disk anywhere (index, figure, log): one line, no trace
-        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except RuntimeError as error:  # a full disk seen by a C++ writer (torch zip, FAISS)
+        if not is_disk_full(error):
             raise
-        print(
-            f"clt: error: no space left on the device ({error.filename or error}); free some "
-            "space and rerun: `clt cache` resumes after its last complete shard, `clt fit` "
-            "with --ckpt_path last, the other commands start over",
-            file=sys.stderr,
-        )
+        print(f"clt: error: {user_message(error)}", file=sys.stderr)
         return 2
     finally:
         finish_wandb_run()

@@ -29,6 +29,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from clt_lightning.checkpointing import check_progress_counters
 from clt_lightning.errors import CheckpointMismatchError, ConfigError, NonFiniteLossError
 from clt_lightning.metrics import ReconstructionMetrics, flatten_layer_metrics
 from clt_lightning.models.clt import CrossLayerTranscoder
@@ -153,6 +154,7 @@ class CLTModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_progress_counters(checkpoint)
         shape = checkpoint.get("clt_shape")
         if shape is None:
             raise CheckpointMismatchError(

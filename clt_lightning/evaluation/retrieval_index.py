@@ -29,14 +29,13 @@ from typing import NamedTuple
 import faiss
 import numpy as np
 
-from clt_lightning.errors import (
-    ConfigError,
-)
+from clt_lightning.errors import ConfigError, DiskSpaceError
 from clt_lightning.evaluation.retrieval_descriptors import (
     _check_choice,
     _fsync_replace,
     _sha256_file,
 )
+from clt_lightning.files import is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +114,8 @@ def choose_index_type(n: int, dim: int, memory_budget_bytes: int) -> str:
     need = estimate_index_bytes(f"IVF{nlist},PQ1{suffix}", n, dim)
     raise ConfigError(
         f"memory budget {memory_budget_bytes:,} B is too small for {n:,} descriptors of dim "
-        f"{dim:,}: even IVF{nlist},PQ1 needs ~{need:,} B; raise memory_budget_bytes"
+        f"{dim:,}: even IVF{nlist},PQ1 needs ~{need:,} B; raise the memory budget "
+        "(retrieval.memory_budget_gb, shared by all layers' indexes)"
     )
 
 
@@ -348,6 +348,16 @@ def build_layer_index(
 
 def _write_index_atomic(index: faiss.Index, path: Path) -> str:
     temp = path.with_name(path.name + ".partial")
-    faiss.write_index(index, str(temp))
+    try:
+        faiss.write_index(index, str(temp))
+    except (OSError, RuntimeError) as error:
+        temp.unlink(missing_ok=True)
+        if is_disk_full(error):
+            raise DiskSpaceError(
+                f"no space left on the device while writing the retrieval index {temp}; "
+                "nothing under its final name was changed: free some space and rerun "
+                "(the indexes are rebuilt)"
+            ) from error
+        raise
     _fsync_replace(temp, path)
     return _sha256_file(path)
