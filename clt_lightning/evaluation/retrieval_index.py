@@ -96,9 +96,12 @@ def choose_index_type(n: int, dim: int, memory_budget_bytes: int) -> str:
     Raises:
         ConfigError: A bad size, or a budget too small for even ``PQ1``.
     """
-    if n < 1 or dim < 1 or memory_budget_bytes < 1:
+    if n < 1 or dim < 1:
+        raise ConfigError(f"need n, dim >= 1; got {n}, {dim}")
+    if memory_budget_bytes < 1:
         raise ConfigError(
-            f"need n, dim, memory_budget_bytes >= 1; got {n}, {dim}, {memory_budget_bytes}"
+            f"the memory budget of one layer's index is too small ({memory_budget_bytes} B); raise the "
+            "memory budget (retrieval.memory_budget_gb, shared by all layers' indexes)"
         )
     if n * dim * 4 <= memory_budget_bytes:
         return "Flat"
