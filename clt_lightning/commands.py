@@ -13,6 +13,7 @@ from typing import Any
 
 from clt_lightning.data.datasets import DatasetConfig, build_dataset
 from clt_lightning.errors import CheckpointMismatchError, ConfigError, DataNotFoundError
+from clt_lightning.evaluation.retrieval_descriptors import AGGREGATIONS, SIMILARITIES
 from clt_lightning.evaluation.suite import EvaluationConfig, RunInfo, backbone_tag, run_suite
 from clt_lightning.files import require_folder
 from clt_lightning.teacher import Teacher, TeacherConfig
@@ -65,6 +66,11 @@ class RetrievalConfig:
             )
         if self.query_index is not None and self.query_index < 0:
             raise ConfigError(f"retrieval.query_index must be >= 0, got {self.query_index}")
+        for key, valid in {"aggregation": AGGREGATIONS, "similarity": SIMILARITIES}.items():
+            if getattr(self, key) not in valid:
+                raise ConfigError(
+                    f"retrieval.{key}={getattr(self, key)!r} is not valid; choose one of {valid}"
+                )
 
 
 def load_clt(ckpt_path: str | Path) -> Any:
@@ -109,6 +115,8 @@ def evaluate(
     folder = run_folder(ckpt_path)
     output_dir = Path(config.output_dir) if config.output_dir else folder / "evaluation"
     require_folder(output_dir, "evaluation.output_dir")
+    if config.classifier_cache:
+        require_folder(config.classifier_cache, "evaluation.classifier_cache")
     clt = load_clt(ckpt_path)
     teacher = Teacher(teacher_config)
     check_fits_teacher(clt, teacher, ckpt_path)

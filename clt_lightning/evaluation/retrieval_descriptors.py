@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 
 
 AGGREGATIONS = ("cls", "patches", "all")
+SIMILARITIES = ("cosine", "ip", "l2")
+"""Similarity of a retrieval index (`retrieval_index.new_index`); here so the CLI can
+check the setting without importing FAISS."""
 DESCRIPTOR_DTYPES = ("float32", "float16")
 ENCODE_BLOCK_BYTES = 256 * 2**20
 """Bound on the CLT activations (pre and z) held at once while encoding token rows."""

@@ -31,6 +31,7 @@ import numpy as np
 
 from clt_lightning.errors import ConfigError, DiskSpaceError
 from clt_lightning.evaluation.retrieval_descriptors import (
+    SIMILARITIES,
     _check_choice,
     _fsync_replace,
     _sha256_file,
@@ -40,7 +41,6 @@ from clt_lightning.files import is_disk_full
 log = logging.getLogger(__name__)
 
 
-SIMILARITIES = ("cosine", "ip", "l2")
 DEFAULT_MEMORY_BUDGET_BYTES = 4 * 2**30
 """Default budget for all layers' indexes together (each layer gets an equal share)."""
 MAX_PQ_SUBQUANTIZERS = 256

@@ -187,6 +187,24 @@ def test_memory_budget_names_the_setting(config, tiny_checkpoint):
         assert "memory_budget_bytes" not in message
 
 
+def test_evaluation_and_retrieval_settings_name_the_key(config, tiny_checkpoint, tmp_path):
+    ckpt = str(tiny_checkpoint)
+    retrieve = ["retrieve", "--config", config(), "--ckpt_path", ckpt]
+    for key, value in {"aggregation": "mean", "similarity": "dot", "k": "0", "batch_size": "0",
+                       "query_index": "-1"}.items():  # fmt: skip
+        expect_setting_error([*retrieve, f"--retrieval.{key}", value], f"retrieval.{key}",
+                             name=f"retrieval.{key} {value}")  # fmt: skip
+    evaluate = ["evaluate", "--config", config(), "--ckpt_path", ckpt,
+                "--evaluation.output_dir", str(tmp_path / "eval")]  # fmt: skip
+    expect_setting_error([*evaluate, "--evaluation.starts", "[99]"], "evaluation.starts", "0..3",
+                         name="evaluation.starts [99]")  # fmt: skip
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    expect_setting_error([*evaluate, "--evaluation.classifier_cache", str(a_file)],
+                         "evaluation.classifier_cache", "is a file",
+                         name="evaluation.classifier_cache is a file")  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def other_teacher_checkpoint(tmp_path_factory) -> Path:
     """A CLTModule checkpoint for d_model=8 (the tiny teacher has 32)."""
