@@ -16,7 +16,6 @@ Errors caused by the user (`CLTError`) are printed as one line and exit with sta
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import signal
@@ -44,7 +43,9 @@ from clt_lightning.checkpointing import (  # noqa: E402
 from clt_lightning.data.datamodule import ActivationDataModule  # noqa: E402
 from clt_lightning.errors import CLTError, ConfigError  # noqa: E402
 from clt_lightning.evaluation.suite import EvaluationConfig  # noqa: E402
+from clt_lightning.files import is_disk_full, require_folder  # noqa: E402
 from clt_lightning.loggers import default_loggers  # noqa: E402
+from clt_lightning.messages import user_message  # noqa: E402
 from clt_lightning.module import CLTModule, check_training_precision  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ class CLTTrainer(Trainer):
             ckpt_path: Checkpoint written by `clt fit`.
             output_dir: Folder for `config.json` and `clt.safetensors`.
         """
+        require_folder(output_dir, "output_dir")
         commands.load_clt(ckpt_path).save_pretrained(output_dir)
         log.info("exported %s to %s", ckpt_path, output_dir)
 
@@ -134,6 +136,7 @@ class CLTLightningCLI(LightningCLI):
             isinstance(c, ModelCheckpoint) for c in configured
         ):
             callbacks = [c for c in callbacks if not isinstance(c, CLTCheckpoint)]
+        check_trainer_settings(config)
         plugins = config.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
@@ -185,6 +188,23 @@ def check_ckpt_path(config: Any) -> None:
         read_checkpoint(ckpt_path, mmap=True)
 
 
+def check_trainer_settings(config: dict[str, Any]) -> None:
+    """Refuse trainer values Lightning would silently reinterpret, before any work.
+
+    Raises:
+        ConfigError: `gradient_clip_val` <= 0 (Lightning turns clipping off) or a
+            `default_root_dir` that is a file.
+    """
+    clip = config.get("gradient_clip_val")
+    if clip is not None and not clip > 0:
+        raise ConfigError(
+            f"trainer.gradient_clip_val must be > 0 (the largest gradient norm or value) or "
+            f"null for no clipping, got {clip}"
+        )
+    if config.get("default_root_dir"):
+        require_folder(config["default_root_dir"], "trainer.default_root_dir")
+
+
 def build_cli(args: list[str] | None = None, run: bool = True) -> CLTLightningCLI:
     """Build (and by default run) the CLI; `args` replaces sys.argv[1:] (for tests)."""
     return CLTLightningCLI(
@@ -205,8 +225,8 @@ def main(args: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         build_cli(args)
-    except CLTError as error:
-        print(f"clt: error: {error}", file=sys.stderr)
+    except (CLTError, OSError) as error:  # ours, or any file-system error: one line, no trace
+        print(f"clt: error: {user_message(error)}", file=sys.stderr)
         return 2
     except SIGTERMException:  # Lightning stopped fit after the batch running at SIGTERM
         print(
@@ -215,15 +235,10 @@ def main(args: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 128 + signal.SIGTERM
-    except OSError as error:  # a full disk anywhere (index, figure, log): one line, no trace
-        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except RuntimeError as error:  # a full disk seen by a C++ writer (torch zip, FAISS)
+        if not is_disk_full(error):
             raise
-        print(
-            f"clt: error: no space left on the device ({error.filename or error}); free some "
-            "space and rerun: `clt cache` resumes after its last complete shard, `clt fit` "
-            "with --ckpt_path last, the other commands start over",
-            file=sys.stderr,
-        )
+        print(f"clt: error: {user_message(error)}", file=sys.stderr)
         return 2
     finally:
         finish_wandb_run()

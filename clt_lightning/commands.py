@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from clt_lightning.data.datasets import DatasetConfig, build_dataset
-from clt_lightning.errors import CheckpointMismatchError, ConfigError
+from clt_lightning.errors import CheckpointMismatchError, ConfigError, DataNotFoundError
+from clt_lightning.evaluation.retrieval_descriptors import AGGREGATIONS, SIMILARITIES
 from clt_lightning.evaluation.suite import EvaluationConfig, RunInfo, backbone_tag, run_suite
+from clt_lightning.files import require_folder
 from clt_lightning.teacher import Teacher, TeacherConfig
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,25 @@ class RetrievalConfig:
     num_workers: int = 0
     rebuild: bool = False
 
+    def __post_init__(self) -> None:
+        for key in ("k", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"retrieval.{key} must be >= 1, got {getattr(self, key)}")
+        if self.num_workers < 0:
+            raise ConfigError(f"retrieval.num_workers must be >= 0, got {self.num_workers}")
+        if not self.memory_budget_gb > 0:  # also refuses NaN
+            raise ConfigError(
+                f"retrieval.memory_budget_gb must be > 0 (GiB for all layers' indexes "
+                f"together), got {self.memory_budget_gb}"
+            )
+        if self.query_index is not None and self.query_index < 0:
+            raise ConfigError(f"retrieval.query_index must be >= 0, got {self.query_index}")
+        for key, valid in {"aggregation": AGGREGATIONS, "similarity": SIMILARITIES}.items():
+            if getattr(self, key) not in valid:
+                raise ConfigError(
+                    f"retrieval.{key}={getattr(self, key)!r} is not valid; choose one of {valid}"
+                )
+
 
 def load_clt(ckpt_path: str | Path) -> Any:
     """The trained CrossLayerTranscoder of a `clt fit` checkpoint.
@@ -82,6 +103,21 @@ def load_clt(ckpt_path: str | Path) -> Any:
     return module.clt.eval()
 
 
+def check_fits_teacher(clt: Any, teacher: Teacher, ckpt_path: str | Path) -> None:
+    """Refuse a checkpoint trained on another teacher, naming the file and both shapes.
+
+    Raises:
+        CheckpointMismatchError: The CLT's (n_layers, d_model) differ from the teacher's.
+    """
+    found, expected = (clt.n_layers, clt.d_model), (teacher.n_layers, teacher.d_model)
+    if found != expected:
+        raise CheckpointMismatchError(
+            f"--ckpt_path {ckpt_path} holds a CLT for n_layers={found[0]}, d_model={found[1]} "
+            f"but the teacher of data.teacher has n_layers={expected[0]}, "
+            f"d_model={expected[1]}: use a checkpoint trained on this teacher"
+        )
+
+
 def run_folder(ckpt_path: str | Path) -> Path:
     """The run folder of a checkpoint: `<run>/checkpoints/x.ckpt` -> `<run>`."""
     path = Path(ckpt_path).resolve()
@@ -95,11 +131,15 @@ def evaluate(
     config: EvaluationConfig,
 ) -> dict[str, Any]:
     """Run the evaluation suite on the validation split; returns the written payloads."""
-    clt = load_clt(ckpt_path)
-    teacher = Teacher(teacher_config)
-    dataset = build_dataset(dataset_config, "val", teacher.preprocess)
     folder = run_folder(ckpt_path)
     output_dir = Path(config.output_dir) if config.output_dir else folder / "evaluation"
+    require_folder(output_dir, "evaluation.output_dir")
+    if config.classifier_cache:
+        require_folder(config.classifier_cache, "evaluation.classifier_cache")
+    clt = load_clt(ckpt_path)
+    teacher = Teacher(teacher_config)
+    check_fits_teacher(clt, teacher, ckpt_path)
+    dataset = build_dataset(dataset_config, "val", teacher.preprocess)
     info = RunInfo(
         run_name=folder.name,
         dataset=dataset_config.name,
@@ -124,12 +164,15 @@ def retrieve(
 
     if config.query_path is None and config.query_index is None:
         raise ConfigError("give retrieval.query_path (an image file) or retrieval.query_index")
-    clt = load_clt(ckpt_path)
-    teacher = Teacher(teacher_config)
-    corpus = build_dataset(dataset_config, "train", teacher.preprocess)
     folder = run_folder(ckpt_path)
     output_dir = Path(config.output_dir) if config.output_dir else folder / "retrieval"
     index_dir = config.index_dir or output_dir / f"index_{config.aggregation}"
+    require_folder(output_dir, "retrieval.output_dir")
+    require_folder(index_dir, "retrieval.index_dir")
+    clt = load_clt(ckpt_path)
+    teacher = Teacher(teacher_config)
+    check_fits_teacher(clt, teacher, ckpt_path)
+    corpus = build_dataset(dataset_config, "train", teacher.preprocess)
     query_dataset = None
     if config.query_path is None:
         query_dataset = build_dataset(dataset_config, "val", teacher.preprocess)

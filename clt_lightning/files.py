@@ -13,6 +13,11 @@ swapped in for the destination with two renames (old folder aside, staging folde
 A kill at any moment leaves the old folder or the new one, never a mix; a kill between the
 two renames leaves the old folder under `previous_folder(path)`, which `recover_folder`
 (called by the next commit and by the readers) puts back.
+
+A full disk is reported the same way everywhere: `DiskSpaceError` naming the destination
+file (`is_disk_full` also recognises the ENOSPC that torch's zip writer and FAISS turn into
+a RuntimeError). `allocate` reserves a file's blocks up front, so a memory-mapped file on a
+full disk is an error, not a SIGBUS.
 """
 
 from __future__ import annotations
@@ -45,6 +50,72 @@ def fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` (or what it wraps) says the device or the quota is full.
+
+    torch's zip writer and FAISS report a failed write as a RuntimeError whose text holds
+    the C library's message; an OSError carries the errno.
+    """
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+            return True
+        if isinstance(error, RuntimeError) and any(
+            os.strerror(code) in str(error) for code in DISK_FULL_ERRNOS
+        ):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+class _RecordingWriter:
+    """A binary file proxy that remembers the OSError a `write` raised: torch.save swallows
+    it and raises its own RuntimeError ("unexpected pos ..."), losing the ENOSPC."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.handle, name)
+
+
+def allocate(path: Path, n_bytes: int, *, what: str) -> None:
+    """Reserve the blocks of `path` (at least `n_bytes`) so later writes through a memory
+    map cannot fail with SIGBUS when the device fills up.
+
+    Args:
+        path: An existing file.
+        n_bytes: Its final size.
+        what: Says what the file is, for the error ("the layer-3 descriptors").
+
+    Raises:
+        DiskSpaceError: The device has no room for `n_bytes` (names the file).
+    """
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, max(1, n_bytes))
+    except OSError as error:
+        if error.errno in DISK_FULL_ERRNOS:
+            raise DiskSpaceError(
+                f"no space left on the device for {what} {path} ({n_bytes} bytes); free some "
+                "space or choose another folder and rerun"
+            ) from error
+        if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # e.g. some network mounts
+            raise
+    finally:
+        os.close(fd)
+
+
 def atomic_write_stream(path: Path, write: Callable[[BinaryIO], None], *, disk_full: str) -> None:
     """Stream a file through `temp_path(path)`, fsync, `os.replace`, then fsync the folder.
 
@@ -58,16 +129,19 @@ def atomic_write_stream(path: Path, write: Callable[[BinaryIO], None], *, disk_f
         DiskSpaceError: The device ran out of space (the temp file is removed, `path` intact).
     """
     tmp = temp_path(path)
+    recorder: _RecordingWriter | None = None
     try:
         with open(tmp, "wb") as f:
-            write(f)
+            recorder = _RecordingWriter(f)
+            write(recorder)  # type: ignore[arg-type]
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as error:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        swallowed = recorder.error if recorder is not None else None
+        if is_disk_full(error) or (swallowed is not None and is_disk_full(swallowed)):
             raise DiskSpaceError(
                 f"no space left on the device while writing {disk_full}"
             ) from error
@@ -84,6 +158,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
     Returns:
         The destination path.
+
+    Raises:
+        DiskSpaceError: The device filled up (names `path`; any previous file is intact).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,8 +172,14 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if is_disk_full(error):
+            raise DiskSpaceError(
+                f"no space left on the device while writing {path} ({len(data)} bytes); "
+                "nothing was written under that name (a previous file there is intact): free "
+                "some space and rerun"
+            ) from error
         raise
     return path
 
@@ -242,3 +325,29 @@ def commit_folder(
     retire_folder(path)
     install_folder(staging, path)
     shutil.rmtree(previous_folder(path), ignore_errors=True)
+
+
+def require_folder(path: str | Path, key: str) -> Path:
+    """Check that `path` is, or can become, a folder: neither it nor a parent is a file.
+
+    Args:
+        path: A folder setting's value.
+        key: The setting, for the message (e.g. "data.cache_dir").
+
+    Returns:
+        `path` as a Path (nothing is created).
+
+    Raises:
+        ConfigError: `path` or one of its parents exists and is not a folder.
+    """
+    path = Path(path)
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                named = "it" if candidate == path else f"its parent {candidate}"
+                raise ConfigError(
+                    f"{key}={str(path)!r} must be a folder, but {named} is a file; "
+                    "choose a folder path"
+                )
+            break
+    return path

@@ -32,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from clt_lightning.checkpoint_contents import check_state, check_training_state
+from clt_lightning.checkpointing import check_progress_counters
 from clt_lightning.errors import CheckpointMismatchError, ConfigError, NonFiniteLossError
 from clt_lightning.metrics import ReconstructionMetrics, flatten_layer_metrics
 from clt_lightning.models.clt import CrossLayerTranscoder
@@ -219,6 +220,7 @@ class CLTModule(L.LightningModule):
             if trainer and trainer.ckpt_path
             else ("the checkpoint")
         )
+        check_progress_counters(checkpoint)
         shape = checkpoint.get("clt_shape")
         if shape is None:
             raise CheckpointMismatchError(

@@ -49,6 +49,11 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import Tensor, nn
 
 from clt_lightning.errors import CheckpointMismatchError, ConfigError, DataNotFoundError
+from clt_lightning.teacher_checks import (
+    validate_device,
+    validate_vision_config,
+    weights_read_error,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +114,7 @@ class TeacherConfig:
                 "teacher.pretrained tags belong to named open_clip models; with "
                 f"teacher.model_config={self.model_config!r} give a local teacher.weights file"
             )
+        validate_device(self.device, "teacher.device")
 
 
 class BlocksOutput(NamedTuple):
@@ -519,6 +525,7 @@ def _build_custom(path: Path) -> tuple[nn.Module, dict[str, Any]]:
             f"teacher.model_config {path} lacks {missing}; an open_clip model config needs "
             "embed_dim, vision_cfg and text_cfg (see tests/fixtures/tiny-vit.json)"
         )
+    validate_vision_config(model_cfg, path)
     text_cfg = model_cfg["text_cfg"]
     custom_text = model_cfg.pop("custom_text", False) or "hf_model_name" in text_cfg
     model_class = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
@@ -542,7 +549,7 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt, truncated, or a pickle that weights_only refuses
-        raise CheckpointMismatchError(f"cannot read teacher.weights {path}: {e}") from e
+        raise weights_read_error("teacher.weights", path, e) from e
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):

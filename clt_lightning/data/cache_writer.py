@@ -372,6 +372,11 @@ def write_cache(
     selection = _TokenSelection(tokens, n_random_patches, seed, teacher.tokens_per_image)
     settings = _cache_settings(teacher, dataset, dtype, selection, images_per_shard)
     out_dir = Path(out_dir)
+    if (out_dir / MANIFEST_NAME).is_file() and _start_or_resume(
+        out_dir, settings, batch_size
+    ) is None:  # nothing to write, so no lock: a complete cache may be on read-only storage
+        logger.info("activation cache %s is already complete", out_dir)
+        return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     if not (out_dir / MANIFEST_NAME).exists():
         _check_foreign_files(out_dir)  # before the lock file is created in someone's folder

@@ -70,7 +70,9 @@ from clt_lightning.data.streams import (
     shard_token_rows,
 )
 from clt_lightning.errors import CacheError, ConfigError
+from clt_lightning.files import require_folder
 from clt_lightning.teacher import Teacher, TeacherConfig, file_sha256
+from clt_lightning.teacher_checks import validate_device
 
 __all__ = ["ActivationDataModule", "EpochDataLoader", "assign_shards", "bench_datamodule"]
 
@@ -325,7 +327,7 @@ class ActivationDataModule(L.LightningDataModule):
         self.token_filter = token_filter
         self.num_workers = num_workers
         self.seed = seed
-        self.val_batch_size = val_batch_size or batch_size
+        self.val_batch_size = batch_size if val_batch_size is None else val_batch_size
         self.max_val_tokens = max_val_tokens
         self.verify_cache = verify_cache
         self.cache_options = {  # keyword arguments of write_cache
@@ -376,6 +378,10 @@ class ActivationDataModule(L.LightningDataModule):
             )
         if self.source == "cache" and self.cache_dir is None:
             raise ConfigError("data.cache_dir is required with data.source='cache'")
+        if self.online_device != "auto":
+            validate_device(self.online_device, "data.online_device")
+        if self.cache_dir is not None:
+            require_folder(self.cache_dir, "data.cache_dir")
         if self.max_val_tokens is not None and self.max_val_tokens < 1:
             raise ConfigError(
                 f"data.max_val_tokens must be >= 1 or null, got {self.max_val_tokens}"

@@ -37,6 +37,8 @@ Design decisions:
   white digit on black, grey replicated to RGB. `ds[i]` transforms that native 8x8 image
   (the same pixels `offline_teacher` trains the digits teacher on); `raw_image(i)` is the
   digit upsampled (bilinear) to 224x224 for figures. Class names "zero".."nine".
+- Image files are converted to 8-bit RGB by mode (`image_modes.to_rgb`: 16-bit and float
+  images scaled, alpha dropped, unsupported modes refused).
 - An image that cannot be decoded raises `UnreadableImageError` (with `.path`) from
   `ds[i]` and `raw_image(i)`; a missing root or folder raises `DataNotFoundError` saying
   where the data should be and in what layout.
@@ -59,6 +61,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from clt_lightning.data.image_modes import to_rgb
 from clt_lightning.errors import ConfigError, DataNotFoundError, UnreadableImageError
 
 logger = logging.getLogger(__name__)
@@ -292,11 +295,16 @@ def subset_indices(n: int, max_images: int | None) -> np.ndarray:
 
 
 def open_image(path: str | Path) -> Image.Image:
-    """Decode an image file to RGB, raising UnreadableImageError (with `.path`) if it fails."""
+    """Decode an image file to 8-bit RGB (`image_modes.to_rgb`: every mode scaled right).
+
+    Raises:
+        UnreadableImageError: The file does not decode, or its mode has no faithful RGB
+            conversion; `.path` names the file and the message says why.
+    """
     try:
         with Image.open(path) as image:
             image.load()
-            return image.convert("RGB")
+            return to_rgb(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         error = UnreadableImageError(f"cannot read image {path}: {e}")
         error.path = str(path)

@@ -469,7 +469,9 @@ def _validate_cascade(
     starts = list(range(n_layers)) if starts is None else [int(s) for s in starts]
     bad = [s for s in starts if not 0 <= s <= n_layers]
     if bad:
-        raise ConfigError(f"cascade starts must lie in 0..{n_layers}, got {bad}")
+        raise ConfigError(
+            f"cascade starts (evaluation.starts) must lie in 0..{n_layers}, got {bad}"
+        )
     for mode in modes:
         token_positions(mode, 2)  # raises for unknown names
     if not starts or not modes:

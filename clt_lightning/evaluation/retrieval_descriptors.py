@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, SequentialSampler
 from tqdm import tqdm
 
+from clt_lightning.data.datasets import open_image
 from clt_lightning.errors import (
     CLTError,
     ConfigError,
@@ -42,11 +43,15 @@ from clt_lightning.errors import (
     UnreadableImageError,
 )
 from clt_lightning.evaluation._io import atomic_write_bytes
+from clt_lightning.files import allocate
 
 log = logging.getLogger(__name__)
 
 
 AGGREGATIONS = ("cls", "patches", "all")
+SIMILARITIES = ("cosine", "ip", "l2")
+"""Similarity of a retrieval index (`retrieval_index.new_index`); here so the CLI can
+check the setting without importing FAISS."""
 DESCRIPTOR_DTYPES = ("float32", "float16")
 ENCODE_BLOCK_BYTES = 256 * 2**20
 """Bound on the CLT activations (pre and z) held at once while encoding token rows."""
@@ -260,10 +265,11 @@ class _MemmapWriter:
         """Write ``block`` [B, L_sel, F] into rows start..start+B of every layer's file."""
         if not self.arrays:
             shape = (self.n_rows, block.shape[-1])
-            self.arrays = [
-                np.lib.format.open_memmap(t, mode="w+", dtype=self.dtype, shape=shape)
-                for t in self.temps
-            ]
+            for layer, temp in zip(self.layers, self.temps, strict=True):
+                array = np.lib.format.open_memmap(temp, mode="w+", dtype=self.dtype, shape=shape)
+                self.arrays.append(array)
+                # blocks reserved now: a full disk is an error here, not a SIGBUS mid-write
+                allocate(temp, array.offset + array.nbytes, what=f"the layer-{layer} descriptors")
         for position, array in enumerate(self.arrays):
             array[start : start + block.shape[0]] = block[:, position]
 
@@ -426,10 +432,9 @@ def _open_query(
         if not path.is_file():
             raise DataNotFoundError(f"query image not found: {path}")
         try:
-            with Image.open(path) as opened:
-                raw = opened.convert("RGB")
-        except (OSError, ValueError) as err:
-            raise UnreadableImageError(f"cannot decode query image {path}: {err}") from err
+            raw = open_image(path)
+        except UnreadableImageError as err:
+            raise UnreadableImageError(f"retrieval.query_path: {err}") from err
         record = {"source": str(path), "label": None, "class": None, "description": str(path)}
         return _Query(teacher.preprocess(raw).unsqueeze(0), raw, record, path.stem)
     if query_dataset is None:

@@ -29,19 +29,18 @@ from typing import NamedTuple
 import faiss
 import numpy as np
 
-from clt_lightning.errors import (
-    ConfigError,
-)
+from clt_lightning.errors import ConfigError, DiskSpaceError
 from clt_lightning.evaluation.retrieval_descriptors import (
+    SIMILARITIES,
     _check_choice,
     _fsync_replace,
     _sha256_file,
 )
+from clt_lightning.files import is_disk_full
 
 log = logging.getLogger(__name__)
 
 
-SIMILARITIES = ("cosine", "ip", "l2")
 DEFAULT_MEMORY_BUDGET_BYTES = 4 * 2**30
 """Default budget for all layers' indexes together (each layer gets an equal share)."""
 MAX_PQ_SUBQUANTIZERS = 256
@@ -97,9 +96,12 @@ def choose_index_type(n: int, dim: int, memory_budget_bytes: int) -> str:
     Raises:
         ConfigError: A bad size, or a budget too small for even ``PQ1``.
     """
-    if n < 1 or dim < 1 or memory_budget_bytes < 1:
+    if n < 1 or dim < 1:
+        raise ConfigError(f"need n, dim >= 1; got {n}, {dim}")
+    if memory_budget_bytes < 1:
         raise ConfigError(
-            f"need n, dim, memory_budget_bytes >= 1; got {n}, {dim}, {memory_budget_bytes}"
+            f"the memory budget of one layer's index is too small ({memory_budget_bytes} B); raise the "
+            "memory budget (retrieval.memory_budget_gb, shared by all layers' indexes)"
         )
     if n * dim * 4 <= memory_budget_bytes:
         return "Flat"
@@ -115,7 +117,8 @@ def choose_index_type(n: int, dim: int, memory_budget_bytes: int) -> str:
     need = estimate_index_bytes(f"IVF{nlist},PQ1{suffix}", n, dim)
     raise ConfigError(
         f"memory budget {memory_budget_bytes:,} B is too small for {n:,} descriptors of dim "
-        f"{dim:,}: even IVF{nlist},PQ1 needs ~{need:,} B; raise memory_budget_bytes"
+        f"{dim:,}: even IVF{nlist},PQ1 needs ~{need:,} B; raise the memory budget "
+        "(retrieval.memory_budget_gb, shared by all layers' indexes)"
     )
 
 
@@ -348,6 +351,16 @@ def build_layer_index(
 
 def _write_index_atomic(index: faiss.Index, path: Path) -> str:
     temp = path.with_name(path.name + ".partial")
-    faiss.write_index(index, str(temp))
+    try:
+        faiss.write_index(index, str(temp))
+    except (OSError, RuntimeError) as error:
+        temp.unlink(missing_ok=True)
+        if is_disk_full(error):
+            raise DiskSpaceError(
+                f"no space left on the device while writing the retrieval index {temp}; "
+                "nothing under its final name was changed: free some space and rerun "
+                "(the indexes are rebuilt)"
+            ) from error
+        raise
     _fsync_replace(temp, path)
     return _sha256_file(path)

@@ -83,6 +83,8 @@ class EvaluationConfig:
                 raise ConfigError(f"evaluation.{key} must be >= 1, got {getattr(self, key)}")
         if self.n_images is not None and self.n_images < 1:
             raise ConfigError(f"evaluation.n_images must be >= 1 or null, got {self.n_images}")
+        if self.num_workers < 0:
+            raise ConfigError(f"evaluation.num_workers must be >= 0, got {self.num_workers}")
 
 
 def backbone_tag(model_name: str | None) -> str:
