@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from clt_lightning.data.datasets import DatasetConfig, build_dataset
-from clt_lightning.errors import CheckpointMismatchError, ConfigError, DataNotFoundError
+from clt_lightning.errors import CheckpointMismatchError, ConfigError
 from clt_lightning.evaluation.retrieval_descriptors import AGGREGATIONS, SIMILARITIES
 from clt_lightning.evaluation.suite import EvaluationConfig, RunInfo, backbone_tag, run_suite
 from clt_lightning.files import require_folder
