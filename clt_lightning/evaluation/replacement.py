@@ -626,11 +626,7 @@ class OracleCLT:
 
     def decode_target(self, target: int, z: Sequence[Tensor]) -> Tensor:
         """The teacher's MLP output at `target` for the stashed input z[target]."""
-        block = self.teacher.clip.visual.transformer.resblocks[target]
-        x = z[target]
-        if getattr(self.teacher.config, "input_site", "ln2_out") == "ln2_in":
-            x = block.ln_2(x)
-        return block.mlp(x)
+        return self.teacher.mlp_output(target, z[target])
 
 
 # ---------------------------------------------------------------------- tables

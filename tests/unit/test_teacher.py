@@ -244,8 +244,10 @@ def test_invalid_config_values(tiny_model_config: Path) -> None:
         TeacherConfig(precision="fp16")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="input_site"):
         TeacherConfig(input_site="mlp_out")  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="only one"):
-        TeacherConfig(pretrained="openai", weights="w.safetensors")
+    with pytest.raises(ConfigError, match="family"):
+        TeacherConfig(family="timmm")
+    with pytest.raises(ConfigError, match="open_clip tag"):
+        TeacherConfig(family="timm", model_name="vit_tiny_patch16_224", pretrained="x")
     with pytest.raises(ConfigError, match="model_config"):
         TeacherConfig(pretrained="openai", model_config=str(tiny_model_config))
 
