@@ -29,7 +29,8 @@ class RetrievalConfig:
         query_path: An image file to query.
         query_index: Or the index of a validation image to query.
         k: Neighbours shown per layer.
-        aggregation: Token aggregation of a descriptor: "cls", "patches" or "all".
+        aggregation: Token aggregation of a descriptor: a token group the teacher has
+            ("cls", "registers", "patches" or "all"; SigLIP has no "cls").
         similarity: "cosine" (default), "ip" or "l2".
         index_type: Force a FAISS factory string (default: chosen by size and memory budget).
         memory_budget_gb: Memory allowed for all layers' indexes together.
@@ -89,7 +90,14 @@ def evaluate(
         ),
         checkpoint=str(ckpt_path),
     )
-    payloads = run_suite(teacher, clt, dataset, list(dataset.class_names), info, config, output_dir)
+    train = (
+        None
+        if teacher.has_text_tower
+        else build_dataset(dataset_config, "train", teacher.preprocess)
+    )
+    payloads = run_suite(
+        teacher, clt, dataset, list(dataset.class_names), info, config, output_dir, train
+    )
     log.info("evaluation written to %s", output_dir)
     return payloads
 

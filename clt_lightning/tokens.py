@@ -121,7 +121,8 @@ class TokenLayout:
 
     @classmethod
     def from_identity(cls, identity: Mapping[str, Any]) -> TokenLayout:
-        """The layout a teacher identity describes (older identities: [CLS] + patches).
+        """The layout a teacher identity describes (older identities: [CLS] + patches;
+        no identity at all: `CLIP_LAYOUT`).
 
         Args:
             identity: `Teacher.identity()` or a cache manifest's teacher entry.
@@ -129,8 +130,13 @@ class TokenLayout:
         stored = identity.get("token_layout")
         if isinstance(stored, Mapping):
             return cls(**{k: int(stored[k]) for k in ("n_cls", "n_registers", "n_patches")})
-        n_tokens = int(identity.get("tokens_per_image", 1))
-        return cls(n_cls=1, n_registers=0, n_patches=n_tokens - 1)
+        if "tokens_per_image" not in identity:
+            return CLIP_LAYOUT
+        return cls(n_cls=1, n_registers=0, n_patches=int(identity["tokens_per_image"]) - 1)
+
+
+CLIP_LAYOUT = TokenLayout(n_cls=1, n_registers=0, n_patches=2**62)
+"""Layout assumed where T is unknown: [CLS] at position 0, every later position a patch."""
 
 
 def layout_of(source: Any) -> TokenLayout:
