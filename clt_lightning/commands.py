@@ -140,3 +140,21 @@ def retrieve(
         num_workers=config.num_workers,
         rebuild=config.rebuild,
     )
+
+
+EXPORT_FORMATS = ("clt-lightning", "circuit-tracer")
+
+
+def export(teacher_config: TeacherConfig, ckpt_path: str, output_dir: str, fmt: str) -> Path:
+    """Export the checkpoint's CLT in `fmt` ("clt-lightning" or "circuit-tracer")."""
+    from clt_lightning.models.circuit_tracer_export import save_circuit_tracer
+
+    if fmt not in EXPORT_FORMATS:
+        raise ConfigError(f"export format {fmt!r} unknown; valid: {list(EXPORT_FORMATS)}")
+    clt = load_clt(ckpt_path)
+    if fmt == "clt-lightning":
+        return clt.save_pretrained(output_dir)
+    name = teacher_config.model_name
+    if teacher_config.model_config and teacher_config.family == "open_clip":
+        name = Path(teacher_config.model_config).stem
+    return save_circuit_tracer(clt, output_dir, name, teacher_config.input_site)
