@@ -11,9 +11,6 @@ library's forward bit for bit (the tests compare with each library's forward and
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-
-import torch
 from torch import Tensor, nn
 
 from clt_lightning.errors import ConfigError
@@ -120,11 +117,3 @@ def check_square(size: tuple[int, int] | list[int] | int, what: str) -> int:
     if len(size) != 2 or size[0] != size[1]:
         raise ConfigError(f"{what} image size must be square, got {list(size)}")
     return int(size[0])
-
-
-Preprocess = Callable[..., Tensor]
-
-
-def module_dtype(module: nn.Module) -> torch.dtype:
-    """dtype of a module's first parameter."""
-    return next(module.parameters()).dtype
