@@ -11,6 +11,7 @@ library's forward bit for bit (the tests compare with each library's forward and
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+
 from torch import Tensor, nn
 
 from clt_lightning.errors import ConfigError
