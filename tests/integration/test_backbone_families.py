@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from clt_lightning.data.cache import open_cache
@@ -109,3 +110,25 @@ def test_unknown_timm_name_is_one_line(tmp_path: Path) -> None:
     assert code == 2
     assert "did you mean" in err and "vit_small_patch14_dinov2" in err
     assert "Traceback" not in err
+
+
+def test_online_fit_on_register_tokens(tmp_path: Path) -> None:
+    """`source: online` with `token_filter: registers`: 4 register tokens per image trained."""
+    config = write_config(
+        tmp_path / "run.yaml",
+        tmp_path / "cache",
+        tmp_path / "run",
+        **{
+            "data.teacher": teacher_section("dinov2_reg", tmp_path),
+            "data.source": "online",
+            "data.token_filter": "registers",
+            "data.batch_size": 8,
+            "trainer.max_epochs": 1,
+        },
+    )
+    code, err = quiet_cli(["fit", "--config", str(config)])
+    assert code == 0, err
+    header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "val/r2/registers/mean" in header and "val/r2/patches/mean" not in header
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 16 * 4 // 8  # 16 train images x 4 registers, 8 per batch
