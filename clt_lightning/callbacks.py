@@ -116,6 +116,7 @@ class EvaluationCallback(Callback):
                 info,
                 replace(self.config, output_dir=str(folder)),
                 folder,
+                _probe_train_split(trainer, teacher),
             )
             pl_module.train(was_training)
             log_to_loggers(trainer, payloads, folder)
@@ -186,3 +187,10 @@ class RetrievalCallback(Callback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image("eval/retrieval", grids, step=trainer.global_step)
+
+
+def _probe_train_split(trainer: L.Trainer, teacher: Any) -> Any:
+    """The train split a vision-only teacher's linear probe is fit on (None with text)."""
+    if getattr(teacher, "has_text_tower", True):
+        return None
+    return build_dataset(trainer.datamodule.dataset_config, "train", teacher.preprocess)

@@ -20,7 +20,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Any
+from typing import Any, Literal
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -96,17 +96,25 @@ class CLTTrainer(Trainer):
         )
 
     def export(
-        self, model: CLTModule, datamodule: ActivationDataModule, ckpt_path: str, output_dir: str
+        self,
+        model: CLTModule,
+        datamodule: ActivationDataModule,
+        ckpt_path: str,
+        output_dir: str,
+        format: Literal["clt-lightning", "circuit-tracer"] = "clt-lightning",  # noqa: A002
     ) -> None:
-        """Write a standalone CLT (safetensors + config.json) that works on raw activations.
+        """Write a standalone CLT that works on raw activations.
 
         Args:
             ckpt_path: Checkpoint written by `clt fit`.
-            output_dir: Folder for `config.json` and `clt.safetensors`.
+            output_dir: Output folder.
+            format: "clt-lightning" (config.json + clt.safetensors) or "circuit-tracer"
+                (its per-layer W_enc_{i}/W_dec_{i} files + config.yaml; jumprelu and
+                batch_topk CLTs only).
         """
         require_folder(output_dir, "output_dir")
-        commands.load_clt(ckpt_path).save_pretrained(output_dir)
-        log.info("exported %s to %s", ckpt_path, output_dir)
+        commands.export(datamodule.teacher_config, ckpt_path, output_dir, format)
+        log.info("exported %s to %s (%s)", ckpt_path, output_dir, format)
 
 
 class CLTLightningCLI(LightningCLI):

@@ -32,7 +32,8 @@ class RetrievalConfig:
         query_path: An image file to query.
         query_index: Or the index of a validation image to query.
         k: Neighbours shown per layer.
-        aggregation: Token aggregation of a descriptor: "cls", "patches" or "all".
+        aggregation: Token aggregation of a descriptor: a token group the teacher has
+            ("cls", "registers", "patches" or "all"; SigLIP has no "cls").
         similarity: "cosine" (default), "ip" or "l2".
         index_type: Force a FAISS factory string (default: chosen by size and memory budget).
         memory_budget_gb: Memory allowed for all layers' indexes together.
@@ -148,7 +149,14 @@ def evaluate(
         ),
         checkpoint=str(ckpt_path),
     )
-    payloads = run_suite(teacher, clt, dataset, list(dataset.class_names), info, config, output_dir)
+    train = (
+        None
+        if teacher.has_text_tower
+        else build_dataset(dataset_config, "train", teacher.preprocess)
+    )
+    payloads = run_suite(
+        teacher, clt, dataset, list(dataset.class_names), info, config, output_dir, train
+    )
     log.info("evaluation written to %s", output_dir)
     return payloads
 
@@ -194,3 +202,21 @@ def retrieve(
         num_workers=config.num_workers,
         rebuild=config.rebuild,
     )
+
+
+EXPORT_FORMATS = ("clt-lightning", "circuit-tracer")
+
+
+def export(teacher_config: TeacherConfig, ckpt_path: str, output_dir: str, fmt: str) -> Path:
+    """Export the checkpoint's CLT in `fmt` ("clt-lightning" or "circuit-tracer")."""
+    from clt_lightning.models.circuit_tracer_export import save_circuit_tracer
+
+    if fmt not in EXPORT_FORMATS:
+        raise ConfigError(f"export format {fmt!r} unknown; valid: {list(EXPORT_FORMATS)}")
+    clt = load_clt(ckpt_path)
+    if fmt == "clt-lightning":
+        return clt.save_pretrained(output_dir)
+    name = teacher_config.model_name
+    if teacher_config.model_config and teacher_config.family == "open_clip":
+        name = Path(teacher_config.model_config).stem
+    return save_circuit_tracer(clt, output_dir, name, teacher_config.input_site)

@@ -80,7 +80,7 @@ def flatten_layer_metrics(prefix: str, values: dict[str, Tensor], group: str | N
     Args:
         prefix: Stage namespace, e.g. "val".
         values: Metric name -> per-layer tensor [L].
-        group: Token group ("cls", "patches") or None for all tokens.
+        group: Token group ("cls", "registers", "patches") or None for all tokens.
 
     Returns:
         Flat dict of python floats keyed by namespaced metric name.

@@ -37,10 +37,12 @@ from clt_lightning.errors import CheckpointMismatchError, ConfigError, NonFinite
 from clt_lightning.metrics import ReconstructionMetrics, flatten_layer_metrics
 from clt_lightning.models.clt import CrossLayerTranscoder
 from clt_lightning.models.sparsifiers import SparsifierConfig
+from clt_lightning.tokens import CLIP_LAYOUT, TokenLayout
 
 log = logging.getLogger(__name__)
 
-TOKEN_GROUPS = ("all", "cls", "patches")
+TOKEN_GROUPS = ("all", "cls", "registers", "patches")
+"""Token groups with evaluation metrics (`clt_lightning.tokens`; those the teacher has)."""
 
 
 class CLTModule(L.LightningModule):
@@ -99,6 +101,7 @@ class CLTModule(L.LightningModule):
         self.save_hyperparameters(ignore=["sparsifier"])
         self.hparams["sparsifier"] = asdict(self.sparsifier_config)
         self.clt: CrossLayerTranscoder | None = None
+        self.token_layout = CLIP_LAYOUT  # the datamodule's teacher layout, set in setup
         if n_layers is not None and d_model is not None:
             self.build(n_layers, d_model)
 
@@ -136,6 +139,9 @@ class CLTModule(L.LightningModule):
         if stage == "fit":
             check_training_precision(self.trainer.precision)
         fresh = self.clt is None
+        identity = getattr(datamodule, "teacher_identity", None)
+        if isinstance(identity, dict):
+            self.token_layout = TokenLayout.from_identity(identity)
         self.build(datamodule.n_layers, datamodule.d_model)
         if fresh:
             self.clt.set_normalisation(*datamodule.normalisation())
@@ -300,12 +306,13 @@ class CLTModule(L.LightningModule):
         self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True)
         y_hat, y = output.y_hat.float(), batch["y"].float()
         l0 = (output.encoding.z != 0).sum(dim=-1)
-        is_cls = batch["token"] == 0
-        for group, mask in (("all", None), ("cls", is_cls), ("patches", ~is_cls)):
+        for group in self.token_layout.groups:
             metric = self.metrics[f"{stage}_{group}"]
-            if mask is None:
+            if group == "all":
                 metric.update(y_hat, y, l0)
-            elif mask.any():
+                continue
+            mask = self.token_layout.mask(group, batch["token"])
+            if mask.any():
                 metric.update(y_hat[mask], y[mask], l0[mask])
 
     def _eval_epoch_end(self, stage: str) -> None:

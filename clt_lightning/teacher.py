@@ -1,10 +1,11 @@
-"""The frozen CLIP teacher: load an open_clip ViT, capture (x, y) per MLP, run with overrides.
+"""The frozen vision teacher: load a ViT, capture (x, y) per MLP, run with overrides.
 
-A `Teacher` wraps an open_clip `CLIP` model and re-implements the forward pass of its
-vision tower block by block, so that the input and output of every MLP can be read
-(`capture`) and the output replaced (`run_blocks(override=...)`), while the unmodified run
-stays identical to open_clip's own `clip.encode_image` (the tests check this against
-open_clip's modules through forward hooks).
+A `Teacher` wraps a vision transformer (an open_clip CLIP, an open_clip model with a timm
+trunk such as SigLIP, or a timm ViT such as DINOv2 or DeiT) through a backbone adapter
+(`clt_lightning/backbones/`) and runs its forward pass block by block, so that the input
+and output of every MLP can be read (`capture`) and the output replaced
+(`run_blocks(override=...)`), while the unmodified run stays identical to the library's own
+forward (the tests check this against each library's modules through forward hooks).
 
 Design decisions:
 
@@ -13,15 +14,19 @@ Design decisions:
   with `weights_only=True`) for a named or custom architecture, or a custom open_clip
   model-config JSON (random weights unless `weights` is given). Weights are never
   unpickled.
-- Only open_clip's standard `VisionTransformer` made of `ResidualAttentionBlock`s is
-  supported (ln_1, attn, ls_1, ln_2, mlp, ls_2); timm towers, ModifiedResNet, attentional
-  pooling and custom blocks raise `ConfigError` at construction, not mid-run.
-- The block maths is written out here (`h = h + ls_1(attn(ln_1(h)))`, `x = ln_2(h)`,
-  `y = mlp(x)`, `h = h + ls_2(y)`) calling open_clip's own submodules, so a run without an
-  override reproduces open_clip bit for bit. Patch dropout is never applied and the module
-  stays in eval mode even if a parent calls `.train()`.
+- `family: open_clip` (default) builds with open_clip; its `VisionTransformer` towers and
+  its timm-trunk towers (SigLIP) are supported. `family: timm` builds
+  `timm.create_model(model_name, pretrained=False, **model_config)` offline, weights from
+  `teacher.weights`. ModifiedResNet, attentional pooling on open_clip's own ViT and custom
+  blocks raise `ConfigError` at construction, not mid-run.
+- The block maths is written out (`h = h + ls_1(attn(ln_1(h)))`, `x = ln_2(h)`,
+  `y = mlp(x)`, `h = h + ls_2(y)`) calling the library's own submodules, so a run without
+  an override reproduces the library bit for bit. Patch dropout is never applied and the
+  module stays in eval mode even if a parent calls `.train()`.
 - Pretrained tags that were trained with QuickGELU (e.g. `ViT-B-32` + `openai`) are built
-  with QuickGELU; open_clip itself only warns about the mismatch and builds nn.GELU.
+  with QuickGELU; open_clip itself only warns about the mismatch and builds nn.GELU. The
+  same tag with a local `weights` file means "these weights, stored locally": QuickGELU,
+  nothing downloaded.
 - The model is built under a forked RNG seeded with 0, so a randomly initialised teacher
   (a custom config without weights, as in tests) is the same in every process and rank.
 - `precision="bf16"` casts the whole model to bfloat16; `embed` casts images to the model
@@ -44,16 +49,19 @@ from typing import Any, Literal, NamedTuple
 
 import open_clip
 import torch
+from open_clip.tokenizer import HFTokenizer
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
-from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import Tensor, nn
 
+from clt_lightning.backbones.registry import check_family, wrap
+from clt_lightning.backbones.timm_vit import build_timm, timm_preprocess
 from clt_lightning.errors import CheckpointMismatchError, ConfigError, DataNotFoundError
 from clt_lightning.teacher_checks import (
     validate_device,
     validate_vision_config,
     weights_read_error,
 )
+from clt_lightning.tokens import TokenLayout
 
 logger = logging.getLogger(__name__)
 
@@ -67,24 +75,30 @@ _SCHEMAS = ("hf-hub:", "local-dir:")
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    """Which CLIP model to load and how to run it.
+    """Which vision model to load and how to run it.
 
     Args:
-        model_name: open_clip model name (see `open_clip.list_models()`), e.g. "ViT-B-32".
-            Ignored when `model_config` is set.
-        pretrained: open_clip pretrained tag, e.g. "openai" (downloads once; needs network).
-            Use `weights` for a local file.
+        model_name: open_clip model name (see `open_clip.list_models()`), e.g. "ViT-B-32";
+            with `family: timm`, a timm model name (see `timm.list_models()`), e.g.
+            "vit_base_patch14_reg4_dinov2". Ignored for open_clip when `model_config` is set.
+        pretrained: open_clip pretrained tag, e.g. "openai". Alone it downloads once (needs
+            network); with `weights` it says which weights the local file holds (e.g.
+            QuickGELU for "openai") and nothing is downloaded.
         weights: Local weights file (.safetensors, or .pt/.bin read with weights_only=True)
-            holding a state dict of the whole open_clip CLIP model. The architecture comes
-            from `model_config` or `model_name`; for OpenAI weights name the QuickGELU
-            variant (e.g. "ViT-B-32-quickgelu").
-        model_config: Custom open_clip model-config JSON ({"embed_dim", "vision_cfg",
+            holding a state dict of the whole model (open_clip CLIP, or timm model). For a
+            local copy of OpenAI weights write `pretrained: openai` next to it (or name
+            the QuickGELU variant, e.g. "ViT-B-32-quickgelu").
+        model_config: open_clip: a custom model-config JSON ({"embed_dim", "vision_cfg",
             "text_cfg", optional "quick_gelu", "preprocess_cfg"}, or the hub layout
-            {"model_cfg", "preprocess_cfg"}). Random weights unless `weights` is given.
+            {"model_cfg", "preprocess_cfg"}). timm: a JSON object of extra
+            `timm.create_model` keyword arguments (e.g. {"depth": 2, "img_size": 32}).
+            Random weights unless `weights` is given.
         precision: "fp32", or "bf16" to cast the whole model to bfloat16.
         input_site: Where x_l is read: "ln2_out" (the MLP input, after LN2) or "ln2_in"
             (the residual stream before LN2).
         device: Torch device for the model, e.g. "cpu" or "cuda".
+        family: Library that builds the model: "open_clip" (CLIP, SigLIP) or "timm"
+            (ViT, DeiT, DINOv2; see `clt_lightning.backbones.registry.list_backbones()`).
     """
 
     model_name: str = "ViT-B-32"
@@ -94,6 +108,7 @@ class TeacherConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     input_site: Literal["ln2_out", "ln2_in"] = "ln2_out"
     device: str = "cpu"
+    family: str = "open_clip"
 
     def __post_init__(self) -> None:
         if self.precision not in _PRECISIONS:
@@ -104,10 +119,11 @@ class TeacherConfig:
             raise ConfigError(
                 f"teacher.input_site must be one of {list(_INPUT_SITES)}, got {self.input_site!r}"
             )
-        if self.pretrained is not None and self.weights is not None:
+        check_family(self.family)
+        if self.pretrained is not None and self.family != "open_clip":
             raise ConfigError(
-                "set only one of teacher.pretrained (an open_clip tag) and teacher.weights "
-                f"(a local file); got pretrained={self.pretrained!r}, weights={self.weights!r}"
+                f"teacher.pretrained={self.pretrained!r} is an open_clip tag; a {self.family} "
+                "teacher loads a local teacher.weights file (offline)"
             )
         if self.pretrained is not None and self.model_config is not None:
             raise ConfigError(
@@ -138,17 +154,19 @@ class Capture(NamedTuple):
 
 
 class Teacher(nn.Module):
-    """A frozen open_clip CLIP whose vision MLPs can be read and replaced.
+    """A frozen vision transformer whose MLPs can be read and replaced.
 
     Attributes:
         config: The `TeacherConfig` it was built from.
-        clip: The whole open_clip CLIP model (the text tower serves zero-shot heads).
-        tokenizer: open_clip tokenizer for this model (str | list[str] -> [n, context] int64).
-        preprocess: open_clip's eval transform, PIL image -> [3, H, W] float32.
+        backbone: The adapter running the model (`clt_lightning.backbones`).
+        model: The library's whole model (open_clip CLIP, or timm model).
+        preprocess: The library's eval transform, PIL image -> [3, H, W] float32.
         n_layers: Number of vision blocks L.
         d_model: Residual width d.
-        tokens_per_image: T = 1 + number of patches ([CLS] is token 0).
+        token_layout: [CLS], register and patch token counts (`clt_lightning.tokens`).
+        tokens_per_image: T = all tokens of one image.
         image_size: Input side length in pixels.
+        has_text_tower: Whether zero-shot heads are available (`clip`, `tokenizer`).
 
     Args:
         config: Which model to load and how to run it.
@@ -161,63 +179,97 @@ class Teacher(nn.Module):
         self._weights_path = _existing_file(config.weights, "teacher.weights")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            if self._model_config_path is not None:
-                clip, model_cfg = _build_custom(self._model_config_path)
-                tokenizer = open_clip.SimpleTokenizer(
-                    context_length=model_cfg["text_cfg"].get("context_length", 77)
-                )
-            else:
-                clip, model_cfg = _build_named(config.model_name, config.pretrained)
-                tokenizer = open_clip.get_tokenizer(config.model_name)
-        visual = _check_visual(clip)
+            model, model_cfg = self._build_model()
+        self.backbone = wrap(config.family, model)
         if self._weights_path is not None:
-            _load_weights(clip, self._weights_path)
-        self.clip = clip
-        self.tokenizer = tokenizer
+            _load_weights(model, self._weights_path)
         self.quick_gelu = bool(model_cfg.get("quick_gelu", False))
-        self.n_layers = len(visual.transformer.resblocks)
-        self.d_model = int(visual.transformer.width)
-        self.tokens_per_image = 1 + visual.grid_size[0] * visual.grid_size[1]
-        self.image_size = int(visual.image_size[0])
-        pp_cfg = PreprocessCfg(**open_clip.get_model_preprocess_cfg(clip))
-        self.preprocess = image_transform_v2(pp_cfg, is_train=False)
-        self.clip.requires_grad_(False)
+        self.n_layers = self.backbone.n_layers
+        self.d_model = self.backbone.d_model
+        self.token_layout = self.backbone.token_layout
+        self.tokens_per_image = self.token_layout.n_tokens
+        self.image_size = self.backbone.image_size
+        self.has_text_tower = self.backbone.has_text_tower
+        if config.family == "timm":
+            self.preprocess = timm_preprocess(model)
+        else:
+            pp_cfg = PreprocessCfg(**open_clip.get_model_preprocess_cfg(model))
+            self.preprocess = image_transform_v2(pp_cfg, is_train=False)
+        model.requires_grad_(False)
         dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
-        self.clip.to(device=config.device, dtype=dtype)
+        model.to(device=config.device, dtype=dtype)
         self.train(False)
         logger.info(
-            "teacher %s: %d layers, d=%d, %d tokens/image, %dpx, %s",
+            "teacher %s: %d layers, d=%d, tokens/image %s, %dpx, %s",
             self._display_name(),
             self.n_layers,
             self.d_model,
-            self.tokens_per_image,
+            self.token_layout.describe(),
             self.image_size,
             config.precision,
         )
 
+    def _build_model(self) -> tuple[nn.Module, dict[str, Any]]:
+        """Build the model with random weights or a pretrained tag (weights load later)."""
+        config = self.config
+        if config.family == "timm":
+            kwargs = {} if self._model_config_path is None else _read_json(self._model_config_path)
+            return build_timm(config.model_name, kwargs), {}
+        if self._model_config_path is not None:
+            clip, model_cfg = _build_custom(self._model_config_path)
+            self._tokenizer_factory = lambda: _custom_tokenizer(model_cfg)
+            return clip, model_cfg
+        tag = config.pretrained
+        clip, model_cfg = _build_named(config.model_name, tag, local=self._weights_path)
+        self._tokenizer_factory = lambda: open_clip.get_tokenizer(config.model_name)
+        return clip, model_cfg
+
     # ------------------------------------------------------------------ properties
 
     @property
-    def visual(self) -> VisionTransformer:
-        """The open_clip vision tower."""
-        return self.clip.visual
+    def model(self) -> nn.Module:
+        """The library's whole model (open_clip CLIP, or timm model)."""
+        return self.backbone.model
+
+    @property
+    def clip(self) -> nn.Module:
+        """The whole open_clip model, for zero-shot heads (text tower, logit_scale).
+
+        Raises:
+            ConfigError: The teacher has no text tower (timm ViTs: use a linear probe).
+        """
+        if not self.has_text_tower:
+            raise ConfigError(
+                f"teacher {self._display_name()} has no text tower (no zero-shot head); "
+                "its accuracy is measured with a linear probe"
+            )
+        return self.backbone.model
+
+    @cached_property
+    def tokenizer(self) -> Callable[..., Tensor]:
+        """The open_clip tokenizer for this model (str | list[str] -> [n, context] int64).
+
+        Built on first use (a SigLIP tokenizer comes from the Hugging Face cache).
+        """
+        self.clip  # noqa: B018 - raises for a teacher without a text tower
+        return self._tokenizer_factory()
 
     @property
     def dtype(self) -> torch.dtype:
         """Compute dtype of the vision tower (float32 or bfloat16)."""
-        return self.visual.conv1.weight.dtype
+        return self.backbone.reference.dtype
 
     @property
     def device(self) -> torch.device:
         """Device of the vision tower."""
-        return self.visual.conv1.weight.device
+        return self.backbone.reference.device
 
     def train(self, mode: bool = True) -> Teacher:
         """Keep the teacher in eval mode whatever a parent module asks (it is frozen)."""
         return super().train(False)
 
     def _display_name(self) -> str:
-        if self._model_config_path is not None:
+        if self._model_config_path is not None and self.config.family != "timm":
             return str(self._model_config_path)
         source = self.config.pretrained or self.config.weights or "random weights"
         return f"{self.config.model_name} ({source})"
@@ -232,15 +284,19 @@ class Teacher(nn.Module):
         matter). A randomly initialised teacher (no pretrained tag, no weights file) also
         carries `params_sha256`, a hash of its parameters; otherwise that field is None.
         File paths are left out on purpose: a moved or renamed file is the same teacher.
+        `family` and `token_layout` are present only when they differ from an open_clip
+        CLIP ([CLS] + patches), so caches written before they existed still match.
 
         Returns:
-            model_name (None for a custom model config), pretrained, weights_sha256,
+            model_name (None for a custom open_clip config), pretrained, weights_sha256,
             model_config_sha256, random_init, params_sha256, quick_gelu, image_size,
-            n_layers, d_model, tokens_per_image, input_site, precision.
+            n_layers, d_model, tokens_per_image, input_site, precision; family,
+            token_layout when not the CLIP default.
         """
         random_init = self.config.pretrained is None and self._weights_path is None
-        return {
-            "model_name": None if self._model_config_path else self.config.model_name,
+        custom_clip = self._model_config_path is not None and self.config.family != "timm"
+        identity = {
+            "model_name": None if custom_clip else self.config.model_name,
             "pretrained": self.config.pretrained,
             "weights_sha256": self._weights_sha256,
             "model_config_sha256": self._model_config_sha256,
@@ -254,6 +310,11 @@ class Teacher(nn.Module):
             "input_site": self.config.input_site,
             "precision": self.config.precision,
         }
+        if self.config.family != "open_clip":
+            identity["family"] = self.config.family
+        if self.token_layout != TokenLayout.from_identity(identity):
+            identity["token_layout"] = self.token_layout.to_dict()
+        return identity
 
     @cached_property
     def _weights_sha256(self) -> str | None:
@@ -269,7 +330,7 @@ class Teacher(nn.Module):
     @cached_property
     def _params_sha256(self) -> str:
         digest = hashlib.sha256()
-        for name, tensor in sorted(self.clip.state_dict().items()):
+        for name, tensor in sorted(self.model.state_dict().items()):
             digest.update(name.encode())
             digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
         return digest.hexdigest()
@@ -277,7 +338,7 @@ class Teacher(nn.Module):
     # ------------------------------------------------------------------ forward pieces
 
     def embed(self, images: Tensor) -> Tensor:
-        """Patch embedding, [CLS], positions and ln_pre: the residual entering block 0.
+        """Patch embedding, [CLS]/registers, positions, pre-norm: the residual entering block 0.
 
         Args:
             images: [N, 3, H, W] preprocessed images (H = W = image_size).
@@ -290,13 +351,7 @@ class Teacher(nn.Module):
                 f"teacher expects images [N, 3, {self.image_size}, {self.image_size}], got "
                 f"{list(images.shape)}; use teacher.preprocess as the dataset transform"
             )
-        visual = self.visual
-        x = visual.conv1(images.to(device=self.device, dtype=self.dtype))  # [N, d, g, g]
-        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # [N, g*g, d]
-        cls = visual.class_embedding.view(1, 1, -1).expand(x.shape[0], -1, -1).to(x.dtype)
-        x = torch.cat([cls, x], dim=1)
-        x = x + visual.positional_embedding.to(x.dtype)
-        return visual.ln_pre(x)
+        return self.backbone.embed(images.to(device=self.device, dtype=self.dtype))
 
     def run_blocks(
         self,
@@ -330,39 +385,46 @@ class Teacher(nn.Module):
                 f"run_blocks needs 0 <= start <= stop <= {self.n_layers}, got {start}, {stop}"
             )
         read_input = self.config.input_site == "ln2_in"
+        backbone = self.backbone
         xs: list[Tensor] = []
         ys: list[Tensor] = []
         for layer in range(start, stop):
-            block = self.visual.transformer.resblocks[layer]
-            h = h + block.ls_1(_attention(block, block.ln_1(h)))
-            x_mlp = block.ln_2(h)
+            h = backbone.attend(layer, h)
+            x_mlp = backbone.norm2(layer)(h)
             x_site = h if read_input else x_mlp
-            y = block.mlp(x_mlp)
+            y = backbone.mlp(layer)(x_mlp)
             if override is not None:
                 y = override(layer, x_site, y)
             if record:
                 xs.append(x_site)
                 ys.append(y)
-            h = h + block.ls_2(y)
+            h = backbone.add_mlp(layer, h, y)
         return BlocksOutput(h, xs if record else None, ys if record else None)
 
+    def mlp_output(self, layer: int, x_site: Tensor) -> Tensor:
+        """Block `layer`'s MLP output y_l for an input read at the input site.
+
+        Args:
+            layer: Block index.
+            x_site: [..., d] x_l at `config.input_site` (LN2 is applied for "ln2_in").
+
+        Returns:
+            y_l [..., d].
+        """
+        x = self.backbone.norm2(layer)(x_site) if self.config.input_site == "ln2_in" else x_site
+        return self.backbone.mlp(layer)(x)
+
     def head(self, h: Tensor) -> Tensor:
-        """Final residual -> image embedding (ln_post, pool, proj), not normalised.
+        """Final residual -> image features (the library's final norm, pool, projection).
 
         Args:
             h: Residual [N, T, d] after the last block.
 
         Returns:
-            [N, E] image embedding (E = d when the model has no projection).
+            [N, E] image embedding, not normalised (open_clip: `encode_image`; timm: the
+            pre-logits features).
         """
-        visual = self.visual
-        if visual.final_ln_after_pool:
-            pooled = visual.ln_post(_pool(h, visual.pool_type))
-        else:
-            pooled = _pool(visual.ln_post(h), visual.pool_type)
-        if visual.proj is not None:
-            pooled = pooled @ visual.proj
-        return pooled
+        return self.backbone.head(h)
 
     @torch.no_grad()
     def capture(self, images: Tensor) -> Capture:
@@ -379,7 +441,7 @@ class Teacher(nn.Module):
 
     @torch.no_grad()
     def encode_image(self, images: Tensor) -> Tensor:
-        """Image embeddings, equal to `clip.encode_image(images)` (not normalised).
+        """Image features, equal to the library's own forward (not normalised).
 
         Args:
             images: [N, 3, H, W] preprocessed images.
@@ -392,46 +454,6 @@ class Teacher(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         """Same as `encode_image`."""
         return self.encode_image(images)
-
-
-# ---------------------------------------------------------------------- block helpers
-
-
-def _attention(block: ResidualAttentionBlock, q: Tensor) -> Tensor:
-    """Self-attention of one block on batch-first input [N, T, d]."""
-    if block.attn.batch_first:
-        return block.attention(q_x=q)
-    return block.attention(q_x=q.transpose(0, 1)).transpose(0, 1)
-
-
-def _pool(h: Tensor, pool_type: str) -> Tensor:
-    """open_clip's global pool: [CLS] token ("tok") or mean of patch tokens ("avg")."""
-    if pool_type == "tok":
-        return h[:, 0]
-    return h[:, 1:].mean(dim=1)
-
-
-def _check_visual(clip: nn.Module) -> VisionTransformer:
-    """Raise ConfigError unless the vision tower is a standard open_clip ViT."""
-    visual = getattr(clip, "visual", None)
-    if type(visual) is not VisionTransformer:
-        raise ConfigError(
-            f"teacher vision tower is {type(visual).__name__}; only open_clip's "
-            "VisionTransformer is supported (not timm towers or ModifiedResNet)"
-        )
-    if visual.attn_pool is not None:
-        raise ConfigError("teacher vision tower uses attentional pooling; only tok/avg pooling")
-    if visual.pool_type not in ("tok", "avg"):
-        raise ConfigError(f"teacher pool_type {visual.pool_type!r} unsupported; use tok or avg")
-    if visual.image_size[0] != visual.image_size[1]:
-        raise ConfigError(f"teacher image_size must be square, got {visual.image_size}")
-    for i, block in enumerate(visual.transformer.resblocks):
-        if type(block) is not ResidualAttentionBlock or hasattr(block, "ln_1_kv"):
-            raise ConfigError(
-                f"teacher block {i} is {type(block).__name__}; only open_clip's "
-                "ResidualAttentionBlock (ln_1, attn, ls_1, ln_2, mlp, ls_2) is supported"
-            )
-    return visual
 
 
 # ---------------------------------------------------------------------- loading
@@ -481,8 +503,15 @@ def validate_model_name(name: str) -> None:
     )
 
 
-def _build_named(name: str, pretrained: str | None) -> tuple[nn.Module, dict[str, Any]]:
-    """Build a named open_clip model (weights from a pretrained tag, or random)."""
+def _build_named(
+    name: str, pretrained: str | None, local: Path | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Build a named open_clip model (weights from a pretrained tag, or random).
+
+    With `local` (a weights file loaded afterwards), the tag only says which weights the
+    file holds: the model is built as the tag needs (QuickGELU for "openai") and nothing
+    is downloaded.
+    """
     validate_model_name(name)
     model_cfg = open_clip.get_model_config(name) or {}
     quick_gelu = False
@@ -492,26 +521,41 @@ def _build_named(name: str, pretrained: str | None) -> tuple[nn.Module, dict[str
             tags = open_clip.list_pretrained_tags_by_model(name)
             raise ConfigError(
                 f"unknown pretrained tag teacher.pretrained={pretrained!r} for {name}; "
-                f"valid: {tags} (for a local file use teacher.weights)"
+                f"valid: {tags} (or pretrained: null with a local teacher.weights file)"
             )
         quick_gelu = bool(tag_cfg.get("quick_gelu")) and not model_cfg.get("quick_gelu")
         if quick_gelu:
             logger.info("%s/%s was trained with QuickGELU; building it so", name, pretrained)
     else:
         logger.info("teacher %s without pretrained tag: random weights unless weights=", name)
+    download = pretrained if local is None else None
     try:
         clip = open_clip.create_model(
-            name, pretrained=pretrained, force_quick_gelu=quick_gelu, precision="fp32"
+            name, pretrained=download, force_quick_gelu=quick_gelu, precision="fp32"
         )
     except RuntimeError as e:
-        if pretrained is None:
+        if download is None:
             raise
         raise DataNotFoundError(
             f"could not get pretrained weights {name}/{pretrained} ({e}); run once with "
-            "network access, or download the file and set teacher.weights"
+            f"network access, or download the file and set teacher.weights (keeping "
+            f"teacher.pretrained: {pretrained})"
         ) from e
     model_cfg = {**model_cfg, "quick_gelu": quick_gelu or model_cfg.get("quick_gelu", False)}
     return clip, model_cfg
+
+
+def _custom_tokenizer(model_cfg: dict[str, Any]) -> Callable[..., Tensor]:
+    """The tokenizer of a custom open_clip config: its HF tokenizer, else open_clip's BPE."""
+    text_cfg = model_cfg["text_cfg"]
+    context_length = text_cfg.get("context_length", 77)
+    if text_cfg.get("hf_tokenizer_name"):
+        return HFTokenizer(
+            text_cfg["hf_tokenizer_name"],
+            context_length=context_length,
+            **text_cfg.get("tokenizer_kwargs", {}),
+        )
+    return open_clip.SimpleTokenizer(context_length=context_length)
 
 
 def _build_custom(path: Path) -> tuple[nn.Module, dict[str, Any]]:

@@ -45,6 +45,7 @@ from clt_lightning.errors import (
     ConfigError,
     UnreadableImageError,
 )
+from clt_lightning.tokens import TokenLayout, layout_of
 
 logger = logging.getLogger("clt_lightning.data.cache")  # one logger for the whole cache
 
@@ -369,6 +370,7 @@ def write_cache(
         raise ConfigError(f"num_workers={num_workers} is not valid; it must be >= 0")
     if len(dataset) == 0:
         raise CacheError(f"the dataset {dataset.identity()} has no images to cache")
+    _check_token_mode(tokens, layout_of(teacher))
     selection = _TokenSelection(tokens, n_random_patches, seed, teacher.tokens_per_image)
     settings = _cache_settings(teacher, dataset, dtype, selection, images_per_shard)
     out_dir = Path(out_dir)
@@ -452,3 +454,17 @@ def _write_shards(
         state.manifest["n_images"],
         state.manifest["n_skipped"],
     )
+
+
+def _check_token_mode(tokens: str, layout: TokenLayout) -> None:
+    """Refuse cache token modes that assume a [CLS] token followed by patches only."""
+    if tokens != "all" and layout.n_cls == 0:
+        raise ConfigError(
+            f"cache tokens={tokens!r} keeps the [CLS] token, which this teacher lacks "
+            f"({layout.describe()}); use tokens='all'"
+        )
+    if tokens == "cls+random" and layout.n_registers:
+        raise ConfigError(
+            f"cache tokens='cls+random' draws patches from positions 1..T-1, which would "
+            f"include this teacher's {layout.n_registers} register tokens; use 'all' or 'cls'"
+        )

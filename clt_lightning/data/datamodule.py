@@ -73,6 +73,7 @@ from clt_lightning.errors import CacheError, ConfigError
 from clt_lightning.files import require_folder
 from clt_lightning.teacher import Teacher, TeacherConfig, file_sha256
 from clt_lightning.teacher_checks import validate_device
+from clt_lightning.tokens import TokenLayout
 
 __all__ = ["ActivationDataModule", "EpochDataLoader", "assign_shards", "bench_datamodule"]
 
@@ -263,7 +264,8 @@ class ActivationDataModule(L.LightningDataModule):
         batch_size: Tokens per training batch.
         shuffle_buffer_shards: Shards the cached shuffle buffer spans (memory: about
             shuffle_buffer_shards + 1 shards per loader worker).
-        token_filter: Tokens to train and validate on: "all", "cls" (token 0) or "patches".
+        token_filter: Tokens to train and validate on: a token group the teacher has, "all",
+            "cls", "registers" or "patches" (`clt_lightning.tokens`; SigLIP has no "cls").
         num_workers: DataLoader workers per rank (cached: shard readers; online: image
             decoders).
         seed: Seed for shard/image order and token shuffling (with the epoch).
@@ -300,7 +302,7 @@ class ActivationDataModule(L.LightningDataModule):
         source: Literal["cache", "online"] = "cache",
         batch_size: int = 4096,
         shuffle_buffer_shards: int = 4,
-        token_filter: Literal["all", "cls", "patches"] = "all",
+        token_filter: Literal["all", "cls", "registers", "patches"] = "all",
         num_workers: int = 0,
         seed: int = 0,
         val_batch_size: int | None = None,
@@ -536,6 +538,8 @@ class ActivationDataModule(L.LightningDataModule):
                     f"{key} differs between {train.path} ({getattr(train, key)}) and "
                     f"{val.path} ({getattr(val, key)}): write both with the same teacher"
                 )
+        layout = TokenLayout.from_identity(train.manifest.get("teacher", {}))
+        layout.check(self.token_filter, "data.token_filter")
         if self.token_filter == "patches" and train.tokens_per_image == 1:
             raise ConfigError(
                 "data.token_filter='patches' but the cache stores only [CLS] tokens "
@@ -564,6 +568,7 @@ class ActivationDataModule(L.LightningDataModule):
     def _setup_online(self) -> None:
         config = dataclasses.replace(self.teacher_config, device=str(self._online_device()))
         self._teacher = Teacher(config)
+        self._teacher.token_layout.check(self.token_filter, "data.token_filter")
         for split in ("train", "val"):
             self._online_images[split] = build_dataset(
                 self.dataset_config, split, self._teacher.preprocess
@@ -611,6 +616,7 @@ class ActivationDataModule(L.LightningDataModule):
         common = dict(
             batch_size=batch_size,
             token_filter=self.token_filter,
+            token_layout=TokenLayout.from_identity(self.teacher_identity),
             seed=self.seed,
             shuffle=shuffle,
             world_size=world_size,

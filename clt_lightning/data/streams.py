@@ -44,12 +44,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from clt_lightning.errors import CacheError, ConfigError, UnreadableImageError
+from clt_lightning.errors import CacheError, UnreadableImageError
+from clt_lightning.tokens import CLIP_LAYOUT, TokenLayout, layout_of
 
 log = logging.getLogger(__name__)
 
-TokenFilter = Literal["all", "cls", "patches"]
-TOKEN_FILTERS = ("all", "cls", "patches")
+TokenFilter = Literal["all", "cls", "registers", "patches"]
+TOKEN_FILTERS = ("all", "cls", "registers", "patches")
 Rows = dict[str, Tensor]  # x, y [n, L, d] (any float dtype), token, image [n] int64
 
 
@@ -153,23 +154,24 @@ def batch_quotas(
     return quotas
 
 
-def token_mask(token_index: Tensor, token_filter: TokenFilter) -> Tensor | None:
-    """Boolean mask of the tokens to keep ([CLS] has index 0); None keeps all."""
+def token_mask(
+    token_index: Tensor, token_filter: TokenFilter, layout: TokenLayout = CLIP_LAYOUT
+) -> Tensor | None:
+    """Boolean mask of the tokens of a group (`TokenLayout.mask`); None keeps all."""
     if token_filter == "all":
         return None
-    if token_filter == "cls":
-        return token_index == 0
-    if token_filter == "patches":
-        return token_index != 0
-    raise ConfigError(f"token_filter must be one of {TOKEN_FILTERS}, got {token_filter!r}")
+    return layout.mask(layout.check(token_filter, "data.token_filter"), token_index)
 
 
-def shard_token_rows(shard: dict[str, Tensor], token_filter: TokenFilter) -> Rows:
+def shard_token_rows(
+    shard: dict[str, Tensor], token_filter: TokenFilter, layout: TokenLayout = CLIP_LAYOUT
+) -> Rows:
     """Turn a shard (or a teacher capture) into token rows.
 
     Args:
         shard: x, y [n, T, L, d], token_index [n, T], image_id [n].
-        token_filter: "all", "cls" (token 0) or "patches" (tokens != 0).
+        token_filter: A token group: "all", "cls", "registers" or "patches".
+        layout: The teacher's token layout (positions of each group).
 
     Returns:
         x, y [m, L, d] in the input dtype (x[n, t] becomes one row), token, image [m] int64.
@@ -178,7 +180,7 @@ def shard_token_rows(shard: dict[str, Tensor], token_filter: TokenFilter) -> Row
     n, n_tokens = x.shape[:2]
     token = shard["token_index"].to(torch.int64)
     image = shard["image_id"].to(torch.int64).view(n, 1).expand(n, n_tokens)
-    mask = token_mask(token, token_filter)
+    mask = token_mask(token, token_filter, layout)
     if mask is None:
         return {
             "x": x.reshape(n * n_tokens, *x.shape[2:]),
@@ -341,7 +343,7 @@ class CachedTokenStream(IterableDataset):
     Args:
         cache: An `ActivationCache` (`open_cache`); re-opened by path in spawned workers.
         batch_size: Tokens per batch.
-        token_filter: "all", "cls" or "patches".
+        token_filter: A token group: "all", "cls", "registers" or "patches".
         seed: Run seed.
         shuffle: Shuffle shards and tokens (training) or keep the stored order (validation).
         buffer_shards: Shards the shuffle buffer spans.
@@ -351,6 +353,7 @@ class CachedTokenStream(IterableDataset):
         drop_last: Drop a worker's last partial batch.
         max_batches: Optional cap on batches per rank and epoch.
         verify: Check shard checksums when re-opening the cache in a worker.
+        token_layout: The teacher's token layout (default: from the cache manifest).
     """
 
     def __init__(
@@ -367,11 +370,16 @@ class CachedTokenStream(IterableDataset):
         drop_last: bool = True,
         max_batches: int | None = None,
         verify: bool = True,
+        token_layout: TokenLayout | None = None,
     ) -> None:
         super().__init__()
         self.cache, self.cache_path, self.verify = cache, Path(cache.path), verify
         self.shard_image_counts = list(cache.shard_image_counts)
-        self.rows_per_image = filtered_tokens_per_image(cache.tokens_per_image, token_filter)
+        teacher = getattr(cache, "manifest", {}).get("teacher", {})
+        self.token_layout = token_layout or TokenLayout.from_identity(teacher)
+        self.rows_per_image = filtered_tokens_per_image(
+            cache.tokens_per_image, token_filter, self.token_layout
+        )
         self.batch_size, self.token_filter, self.seed = batch_size, token_filter, seed
         self.shuffle, self.buffer_shards = shuffle, buffer_shards
         self.world_size, self.rank, self.num_workers = world_size, rank, num_workers
@@ -451,7 +459,8 @@ class CachedTokenStream(IterableDataset):
             from clt_lightning.data.cache import open_cache
 
             self.cache = open_cache(self.cache_path, verify=self.verify)
-        rows = shard_token_rows(self.cache.load_shard(shard_index), self.token_filter)
+        shard = self.cache.load_shard(shard_index)
+        rows = shard_token_rows(shard, self.token_filter, self.token_layout)
         expected = self.shard_image_counts[shard_index] * self.rows_per_image
         if len(rows["token"]) != expected:
             raise CacheError(
@@ -461,11 +470,13 @@ class CachedTokenStream(IterableDataset):
         return rows
 
 
-def filtered_tokens_per_image(tokens_per_image: int, token_filter: TokenFilter) -> int:
+def filtered_tokens_per_image(
+    tokens_per_image: int, token_filter: TokenFilter, layout: TokenLayout = CLIP_LAYOUT
+) -> int:
     """Tokens per image that pass the filter; every stored image holds its [CLS] token."""
-    counts = {"all": tokens_per_image, "cls": 1, "patches": tokens_per_image - 1}
-    if token_filter not in counts:
-        raise ConfigError(f"token_filter must be one of {TOKEN_FILTERS}, got {token_filter!r}")
+    layout.check(token_filter, "data.token_filter")
+    counts = {"all": tokens_per_image, "cls": layout.n_cls, "registers": layout.n_registers}
+    counts["patches"] = tokens_per_image - layout.n_prefix  # stored patches (all or random)
     return counts[token_filter]
 
 
@@ -524,7 +535,7 @@ class OnlineTokenStream(IterableDataset):
         tokens_per_image: T of the teacher.
         device: Where the teacher runs.
         batch_size: Tokens per batch.
-        token_filter: "all", "cls" or "patches".
+        token_filter: A token group: "all", "cls", "registers" or "patches".
         image_batch: Images per teacher forward.
         buffer_tokens: Shuffle buffer capacity in tokens (raised to fit one image batch
             plus one token batch).
@@ -536,6 +547,7 @@ class OnlineTokenStream(IterableDataset):
         skip_bad_images: Skip unreadable images instead of raising.
         drop_last: Drop the last partial batch.
         max_batches: Optional cap on batches per epoch.
+        token_layout: The teacher's token layout (default: [CLS] + patches).
     """
 
     def __init__(
@@ -556,11 +568,15 @@ class OnlineTokenStream(IterableDataset):
         skip_bad_images: bool = False,
         drop_last: bool = True,
         max_batches: int | None = None,
+        token_layout: TokenLayout | None = None,
     ) -> None:
         super().__init__()
         self.capture, self.images, self.device = capture, images, torch.device(device)
         self.tokens_per_image = tokens_per_image
-        self.rows_per_image = filtered_tokens_per_image(tokens_per_image, token_filter)
+        self.token_layout = token_layout or layout_of(tokens_per_image)
+        self.rows_per_image = filtered_tokens_per_image(
+            tokens_per_image, token_filter, self.token_layout
+        )
         self.batch_size, self.token_filter = batch_size, token_filter
         self.image_batch, self.buffer_tokens = image_batch, buffer_tokens
         self.seed, self.shuffle = seed, shuffle
@@ -669,4 +685,4 @@ class OnlineTokenStream(IterableDataset):
                 "token_index": token_index,
                 "image_id": image_ids.to(self.device),
             }
-            yield shard_token_rows(shard, token_filter or self.token_filter)
+            yield shard_token_rows(shard, token_filter or self.token_filter, self.token_layout)

@@ -40,6 +40,7 @@ from clt_lightning.evaluation.replacement import (
 )
 from clt_lightning.evaluation.undefined import Undefined
 from clt_lightning.evaluation.zeroshot import zero_shot_logits
+from clt_lightning.tokens import layout_of
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def rank_sources(scores: ContributionScores, group: str, target: int) -> list[in
 
     Args:
         scores: Contribution scores.
-        group: Token group ("cls", "patches", "all").
+        group: Token group ("cls", "registers", "patches", "all").
         target: Target layer.
 
     Returns:
@@ -183,8 +184,8 @@ def _ablate_batch(
     subsets: dict[str, dict[str, list[int]]],
 ) -> tuple[Tensor, dict[tuple[str, str], Tensor]]:
     images, labels = batch
-    n_tokens = teacher.tokens_per_image
-    positions = {m: token_positions(m, n_tokens) for m in subsets}
+    layout = layout_of(teacher)
+    positions = {m: token_positions(m, layout) for m in subsets}
     union = torch.unique(torch.cat(list(positions.values())))
     prefix = clean_prefix(teacher, clt, images, union, n_code_layers=target + 1)
     baseline = correct_counts(zero_shot_logits(teacher.head(prefix.h[-1]), *head), labels)

@@ -21,8 +21,9 @@ Design decisions:
   left out of that target's image mean.
 - Aggregation is keyed by image id, so shuffled token batches (the activation cache's
   DESIGN token batch) and whole-image batches (`Teacher.capture`) give the same numbers.
-- Three token groups: "cls" (token 0), "patches" (tokens >= 1) and "all" (every token,
-  used to rank sources for the all-token ablation).
+- Token groups are those of the teacher's `TokenLayout` ("cls", "registers", "patches",
+  and "all", which ranks sources for the all-token ablation); a model without [CLS]
+  (SigLIP) has no "cls" scores.
 """
 
 from __future__ import annotations
@@ -38,11 +39,13 @@ from tqdm import tqdm
 
 from clt_lightning.errors import ConfigError
 from clt_lightning.evaluation.replacement import check_compatible, clt_dtype
+from clt_lightning.tokens import CLIP_LAYOUT, TokenLayout, layout_of
 
 logger = logging.getLogger(__name__)
 
-TOKEN_GROUPS: tuple[str, ...] = ("cls", "patches", "all")
-"""Token groups scored: [CLS], patch tokens, all tokens."""
+TOKEN_GROUPS: tuple[str, ...] = ("cls", "registers", "patches", "all")
+"""Token groups scored, those the model has (`clt_lightning.tokens`): [CLS], registers,
+patch tokens, all tokens."""
 
 
 @dataclass
@@ -110,38 +113,33 @@ def token_projection_scores(clt: Any, x: Tensor, chunk_size: int = 256) -> Tenso
     return torch.cat(out) if out else x.new_zeros(0, n_layers + 1, n_layers, dtype=torch.float64)
 
 
-def _group_mask(group: str, token: Tensor) -> Tensor:
-    if group == "cls":
-        return token == 0
-    if group == "patches":
-        return token > 0
-    return torch.ones_like(token, dtype=torch.bool)
-
-
 @dataclass
 class ContributionAccumulator:
     """Streaming per-image sums of projection scores, reduced by `compute`.
 
     Args:
         n_layers: L.
-        groups: Token groups to score (subset of `TOKEN_GROUPS`).
+        groups: Token groups to score (default: every group the layout has).
         keep_per_image: Also return per-image values from `compute`.
         chunk_size: Tokens per chunk in `token_projection_scores`.
+        layout: The teacher's token layout (default: `CLIP_LAYOUT`).
     """
 
     n_layers: int
-    groups: tuple[str, ...] = TOKEN_GROUPS
+    groups: tuple[str, ...] | None = None
     keep_per_image: bool = False
     chunk_size: int = 256
+    layout: TokenLayout = CLIP_LAYOUT
     _sums: dict[str, Tensor] = field(default_factory=dict, init=False)
     _counts: dict[str, Tensor] = field(default_factory=dict, init=False)
     _next_image: int = field(default=0, init=False)
     _n_undefined: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
-        unknown = [g for g in self.groups if g not in TOKEN_GROUPS]
-        if unknown:
-            raise ConfigError(f"unknown token groups {unknown}; valid: {list(TOKEN_GROUPS)}")
+        if self.groups is None:
+            self.groups = tuple(g for g in TOKEN_GROUPS if g in self.layout.groups)
+        for group in self.groups:
+            self.layout.check(group, "contribution token group")
         shape = (0, self.n_layers + 1, self.n_layers)
         for group in self.groups:
             self._sums[group] = torch.zeros(shape, dtype=torch.float64)
@@ -175,7 +173,7 @@ class ContributionAccumulator:
         token, image = token.cpu().long(), image.cpu().long()
         self._grow(int(image.max()) + 1)
         for group in self.groups:
-            mask = _group_mask(group, token)
+            mask = self.layout.mask(group, token)
             self._sums[group].index_add_(0, image[mask], proj[mask])
             self._counts[group].index_add_(0, image[mask], valid[mask].double())
         self._next_image = max(self._next_image, int(image.max()) + 1)
@@ -238,7 +236,7 @@ def contribution_scores(
     teacher: Any,
     clt: Any,
     images_batches: Iterable[Any],
-    groups: tuple[str, ...] = TOKEN_GROUPS,
+    groups: tuple[str, ...] | None = None,
     keep_per_image: bool = False,
     progress: bool = False,
 ) -> ContributionScores:
@@ -248,7 +246,7 @@ def contribution_scores(
         teacher: Teacher with `capture(images) -> (x [N, T, L, d], y)`.
         clt: The CLT (must fit the teacher).
         images_batches: Iterable of image batches [N, 3, H, W] or (images, labels, ...).
-        groups: Token groups to score.
+        groups: Token groups to score (default: every group the teacher has).
         keep_per_image: Keep per-image values.
         progress: Show a progress bar.
 
@@ -260,7 +258,7 @@ def contribution_scores(
         ConfigError: The image set is empty.
     """
     check_compatible(teacher, clt)
-    acc = ContributionAccumulator(clt.n_layers, groups, keep_per_image)
+    acc = ContributionAccumulator(clt.n_layers, groups, keep_per_image, layout=layout_of(teacher))
     for batch in tqdm(images_batches, desc="contributions", disable=not progress):
         acc.update_images(clt, teacher.capture(_split_images(batch)).x)
     return acc.compute()
@@ -270,21 +268,23 @@ def contribution_scores(
 def contribution_scores_from_tokens(
     clt: Any,
     token_batches: Iterable[Mapping[str, Tensor]],
-    groups: tuple[str, ...] = TOKEN_GROUPS,
+    groups: tuple[str, ...] | None = None,
     keep_per_image: bool = False,
+    layout: TokenLayout = CLIP_LAYOUT,
 ) -> ContributionScores:
     """C[s, l] from DESIGN token batches ({"x" [B, L, d], "token" [B], "image" [B]}).
 
     Args:
         clt: The CLT.
         token_batches: Token batches, e.g. a validation dataloader over the cache.
-        groups: Token groups to score.
+        groups: Token groups to score (default: every group the layout has).
         keep_per_image: Keep per-image values.
+        layout: Token layout of the teacher the tokens came from.
 
     Returns:
         The `ContributionScores`.
     """
-    acc = ContributionAccumulator(clt.n_layers, groups, keep_per_image)
+    acc = ContributionAccumulator(clt.n_layers, groups, keep_per_image, layout=layout)
     for batch in token_batches:
         acc.update(clt, batch["x"], batch["token"], batch["image"])
     return acc.compute()

@@ -3,7 +3,8 @@
 "Replace s -> L-1 for tokens M" (DESIGN.md): run the frozen teacher; at every layer
 l >= s the MLP output of the tokens in M is replaced by the CLT's y_hat_l, whose inputs
 x_i (i <= l) are read from the run being modified; other tokens keep their true MLP
-output. Token modes: "cls" (token 0), "patches" (tokens 1..T-1), "all".
+output. Token modes are the token groups of `clt_lightning.tokens` the model has: "cls",
+"registers", "patches", "all" (SigLIP has no "cls").
 
 Design decisions:
 
@@ -39,11 +40,13 @@ from tqdm import tqdm
 from clt_lightning.errors import CheckpointMismatchError, ConfigError
 from clt_lightning.evaluation._io import rows_to_markdown, write_csv, write_markdown
 from clt_lightning.evaluation.zeroshot import zero_shot_logits
+from clt_lightning.tokens import TokenLayout, group_arange, layout_of
 
 logger = logging.getLogger(__name__)
 
 TOKEN_MODES: tuple[str, ...] = ("cls", "patches", "all")
-"""Token modes: [CLS] only, patch tokens only, every token."""
+"""Default token modes of a CLIP: [CLS] only, patch tokens only, every token (any token
+group of `clt_lightning.tokens.TOKEN_GROUPS` the model has is a valid mode)."""
 
 TokenSpec = str | Sequence[int] | Tensor
 """A token mode name or explicit token positions."""
@@ -52,25 +55,25 @@ TokenSpec = str | Sequence[int] | Tensor
 # ---------------------------------------------------------------------- tokens and checks
 
 
-def token_positions(mode: TokenSpec, n_tokens: int) -> Tensor:
+def token_positions(mode: TokenSpec, layout: TokenLayout | int) -> Tensor:
     """Token positions replaced in a mode.
 
     Args:
-        mode: "cls", "patches", "all", or explicit positions (may be empty).
-        n_tokens: T, tokens per image.
+        mode: A token group ("cls", "registers", "patches", "all"), or explicit positions
+            (may be empty).
+        layout: The teacher's `TokenLayout` (or T, read as [CLS] + patches).
 
     Returns:
         int64 [T_M] sorted unique positions.
 
     Raises:
-        ConfigError: Unknown mode name or a position outside 0..T-1.
+        ConfigError: Unknown mode name, a group the model lacks, or a position outside
+            0..T-1.
     """
+    layout = layout_of(layout)
+    n_tokens = layout.n_tokens
     if isinstance(mode, str):
-        if mode not in TOKEN_MODES:
-            raise ConfigError(f"unknown token mode {mode!r}; valid: {list(TOKEN_MODES)}")
-        start = 1 if mode == "patches" else 0
-        stop = 1 if mode == "cls" else n_tokens
-        return torch.arange(start, stop)
+        return group_arange(layout, layout.check(mode, "token mode"))
     positions = torch.unique(torch.as_tensor(mode, dtype=torch.long).flatten())
     if positions.numel() and (positions.min() < 0 or positions.max() >= n_tokens):
         raise ConfigError(f"token positions must lie in 0..{n_tokens - 1}, got {positions}")
@@ -206,7 +209,7 @@ def run_replaced(
     stop = teacher.n_layers if stop is None else stop
     _check_window(start, stop, teacher.n_layers)
     h = teacher.embed(images)
-    positions = token_positions(mode, h.shape[1])
+    positions = token_positions(mode, layout_of(teacher))
     if start == stop or positions.numel() == 0:
         return teacher.head(teacher.run_blocks(h).h).float()
     replacer = Replacer(clt, indexer(positions), start, stop)
@@ -473,7 +476,7 @@ def _validate_cascade(
             f"cascade starts (evaluation.starts) must lie in 0..{n_layers}, got {bad}"
         )
     for mode in modes:
-        token_positions(mode, 2)  # raises for unknown names
+        token_positions(mode, layout_of(teacher))  # raises for names the model lacks
     if not starts or not modes:
         raise ConfigError("cascade needs at least one start and one token mode")
     return starts
@@ -506,8 +509,8 @@ class _Plan:
 def _cascade_batch(
     teacher: Any, clt: Any, images: Tensor, labels: Tensor, plan: _Plan, tally: _Tally
 ) -> None:
-    n_tokens = teacher.tokens_per_image
-    mode_positions = {m: token_positions(m, n_tokens) for m in plan.modes}
+    layout = layout_of(teacher)
+    mode_positions = {m: token_positions(m, layout) for m in plan.modes}
     union = torch.unique(torch.cat(list(mode_positions.values())))
     prefix = clean_prefix(teacher, clt, images, union)
     head = (plan.classifier, plan.logit_scale)
@@ -628,11 +631,7 @@ class OracleCLT:
 
     def decode_target(self, target: int, z: Sequence[Tensor]) -> Tensor:
         """The teacher's MLP output at `target` for the stashed input z[target]."""
-        block = self.teacher.clip.visual.transformer.resblocks[target]
-        x = z[target]
-        if getattr(self.teacher.config, "input_site", "ln2_out") == "ln2_in":
-            x = block.ln_2(x)
-        return block.mlp(x)
+        return self.teacher.mlp_output(target, z[target])
 
 
 # ---------------------------------------------------------------------- tables

@@ -140,6 +140,7 @@ __all__ = [
 
 _AGGREGATION_WORDS = {
     "cls": "[CLS] token",
+    "registers": "mean of register tokens",
     "patches": "mean of patch tokens",
     "all": "mean of all tokens",
 }

@@ -44,11 +44,12 @@ from clt_lightning.errors import (
 )
 from clt_lightning.evaluation._io import atomic_write_bytes
 from clt_lightning.files import allocate
+from clt_lightning.tokens import TokenLayout, layout_of
 
 log = logging.getLogger(__name__)
 
 
-AGGREGATIONS = ("cls", "patches", "all")
+AGGREGATIONS = ("cls", "registers", "patches", "all")
 SIMILARITIES = ("cosine", "ip", "l2")
 """Similarity of a retrieval index (`retrieval_index.new_index`); here so the CLI can
 check the setting without importing FAISS."""
@@ -178,10 +179,6 @@ def clt_fingerprint(clt: nn.Module) -> str:
 # ----------------------------------------------------------------------------- descriptors
 
 
-def _token_slice(aggregation: str) -> slice:
-    return {"cls": slice(0, 1), "patches": slice(1, None), "all": slice(None)}[aggregation]
-
-
 def _encode_block_rows(n_layers: int, n_latents: int) -> int:
     # pre and z in float32 plus the float32 copy added into the sums: ~3 [rows, L, F] tensors
     return max(1, ENCODE_BLOCK_BYTES // (3 * 4 * n_layers * max(n_latents, 1)))
@@ -202,12 +199,13 @@ def encode_descriptors(
     aggregation: str = "cls",
     layers: Sequence[int] | None = None,
     block_rows: int | None = None,
+    layout: TokenLayout | None = None,
 ) -> Tensor:
     """Aggregate a CLT's sparse codes over the tokens of each image.
 
-    "cls" keeps token 0, "patches" averages tokens 1..T-1, "all" averages every token. Token
-    rows are encoded ``block_rows`` at a time and summed per image, so memory stays bounded
-    whatever the number of tokens.
+    "cls" keeps the [CLS] token; "registers", "patches" and "all" average the tokens of
+    that group (`clt_lightning.tokens`). Token rows are encoded ``block_rows`` at a time
+    and summed per image, so memory stays bounded whatever the number of tokens.
 
     Args:
         clt: Has ``encode(x [B, L, d]) -> Encoding`` with ``.z`` [B, L, F].
@@ -215,14 +213,19 @@ def encode_descriptors(
         aggregation: One of `AGGREGATIONS`.
         layers: Layers to keep (default: all L).
         block_rows: Token rows per ``clt.encode`` call (default: from `ENCODE_BLOCK_BYTES`).
+        layout: The teacher's token layout (default: [CLS] + patches).
 
     Returns:
         [N, L_sel, F] float32 descriptors on the CPU.
+
+    Raises:
+        ConfigError: An unknown aggregation, or a token group the model lacks.
     """
     _check_choice("aggregation", aggregation, AGGREGATIONS)
     n_images, _, n_layers = x.shape[:3]
     keep = torch.tensor(_resolve_layers(layers, n_layers))
-    tokens = x[:, _token_slice(aggregation)]
+    where = layout_of(x.shape[1] if layout is None else layout)
+    tokens = x[:, where.positions(where.check(aggregation, "retrieval.aggregation"))]
     n_tokens = tokens.shape[1]
     if n_tokens == 0:
         raise ConfigError(
@@ -341,6 +344,7 @@ def compute_descriptors(
     """
     _check_choice("aggregation", aggregation, AGGREGATIONS)
     _check_choice("dtype", dtype, DESCRIPTOR_DTYPES)
+    layout = getattr(teacher, "token_layout", None)
     loader = _as_loader(data, batch_size, num_workers)
     n_images = len(loader.dataset)  # type: ignore[arg-type]
     out_dir = Path(out_dir)
@@ -359,7 +363,8 @@ def compute_descriptors(
                 if writer is None:
                     layers = _resolve_layers(layers, x.shape[2])
                     writer = _MemmapWriter(out_dir, layers, n_images, dtype)
-                writer.write(start, encode_descriptors(clt, x, aggregation, layers).numpy())
+                codes = encode_descriptors(clt, x, aggregation, layers, layout=layout)
+                writer.write(start, codes.numpy())
                 labels[start : start + len(images)] = batch_labels.numpy()
                 start += len(images)
                 bar.update(len(images))
@@ -400,7 +405,8 @@ def compute_query_descriptors(
     with torch.inference_mode():
         x = teacher.capture(images.to(device)).x
     layers = _resolve_layers(layers, x.shape[2])
-    descriptors = encode_descriptors(clt, x, aggregation, layers).numpy()
+    layout = getattr(teacher, "token_layout", None)
+    descriptors = encode_descriptors(clt, x, aggregation, layers, layout=layout).numpy()
     return QueryDescriptors(
         descriptors=np.ascontiguousarray(descriptors.transpose(1, 0, 2)),
         layers=layers,

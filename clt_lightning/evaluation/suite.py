@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +34,16 @@ from tqdm.auto import tqdm
 from clt_lightning.errors import ConfigError
 from clt_lightning.evaluation import ablations, contributions, faithfulness, replacement, zeroshot
 from clt_lightning.evaluation._io import write_csv, write_markdown
+from clt_lightning.evaluation.linear_probe import build_probe
 from clt_lightning.evaluation.undefined import Undefined, nan_to_undefined, write_json
 from clt_lightning.files import check_replaceable, commit_folder
 from clt_lightning.metrics import ReconstructionMetrics
+from clt_lightning.tokens import TOKEN_GROUPS, layout_of
 
 log = logging.getLogger(__name__)
 
-TOKEN_MODES = ("cls", "patches", "all")
+TOKEN_MODES = ("cls", "registers", "patches", "all")
+"""Token groups in the order the evaluation reports them (`clt_lightning.tokens`)."""
 
 
 @dataclass
@@ -53,7 +56,8 @@ class EvaluationConfig:
         batch_size: Images per teacher forward.
         num_workers: DataLoader workers decoding images.
         starts: Start layers s of the cascade s -> L-1 (None = every layer).
-        modes: Token modes replaced: any of "cls", "patches", "all".
+        modes: Token modes replaced: token groups the teacher has ("cls", "registers",
+            "patches", "all"); default: every group it has (SigLIP has no "cls").
         faithfulness_starts: Windows s -> L-1 for the faithfulness table (None = the
             paper's 0, L-5, L-2, L-1, i.e. 0-11, 7-11, 10-11, 11 for 12 layers).
         ablation_k: Sources kept by the sufficiency ablation (paper: 4).
@@ -67,7 +71,7 @@ class EvaluationConfig:
     batch_size: int = 64
     num_workers: int = 0
     starts: list[int] | None = None
-    modes: list[str] = field(default_factory=lambda: list(TOKEN_MODES))
+    modes: list[str] | None = None
     faithfulness_starts: list[int] | None = None
     ablation_k: int = 4
     classifier_cache: str | None = ".cache/classifiers"
@@ -75,9 +79,9 @@ class EvaluationConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        bad = [m for m in self.modes if m not in TOKEN_MODES]
-        if bad or not self.modes:
-            raise ConfigError(f"evaluation.modes {self.modes} invalid; choose from {TOKEN_MODES}")
+        bad = [m for m in self.modes or [] if m not in TOKEN_GROUPS]
+        if bad or self.modes == []:
+            raise ConfigError(f"evaluation.modes {self.modes} invalid; choose from {TOKEN_GROUPS}")
         for key in ("batch_size", "ablation_k"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"evaluation.{key} must be >= 1, got {getattr(self, key)}")
@@ -117,11 +121,12 @@ def reconstruction_metrics(teacher: Any, clt: Any, loader: DataLoader) -> dict[s
     """Per-layer MSE, R^2, cosine and L0 of the CLT on teacher-forced activations.
 
     Returns:
-        group ("all", "cls", "patches") -> metric -> per-layer list.
+        group (every token group the teacher has) -> metric -> per-layer list.
     """
+    layout = layout_of(teacher)
     metrics = {  # one rank runs the suite: never all-gather (other ranks wait at a barrier)
         g: ReconstructionMetrics(clt.n_layers, clt.d_model, sync_on_compute=False)
-        for g in TOKEN_MODES
+        for g in layout.groups
     }
     device = next(clt.parameters()).device
     for images, *_ in tqdm(loader, desc="reconstruction", leave=False):
@@ -131,10 +136,10 @@ def reconstruction_metrics(teacher: Any, clt: Any, loader: DataLoader) -> dict[s
         with torch.no_grad():
             out = clt(x)
         l0 = (out.encoding.z != 0).sum(-1)
-        is_cls = (torch.arange(t, device=device) == 0).repeat(n)
-        metrics["all"].update(out.y_hat, y, l0)
-        metrics["cls"].update(out.y_hat[is_cls], y[is_cls], l0[is_cls])
-        metrics["patches"].update(out.y_hat[~is_cls], y[~is_cls], l0[~is_cls])
+        token = torch.arange(t, device=device).repeat(n)
+        for group, metric in metrics.items():
+            mask = layout.mask(group, token)
+            metric.update(out.y_hat[mask], y[mask], l0[mask])
     return {g: _defined_reconstruction(m) for g, m in metrics.items()}
 
 
@@ -216,6 +221,38 @@ def default_windows(n_layers: int, starts: list[int] | None, modes: list[str]):
     return [(s, m) for m in modes for s in starts]
 
 
+def _accuracy_head(
+    teacher: Any,
+    class_names: list[str],
+    info: RunInfo,
+    config: EvaluationConfig,
+    train_dataset: Dataset | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(classifier [E, C], per-template classifiers [n, E, C], log scale) of the teacher."""
+    if getattr(teacher, "has_text_tower", True):
+        templates = zeroshot.templates_for(info.dataset)
+        cache = config.classifier_cache
+        classifier = zeroshot.build_classifier(teacher, class_names, templates, cache)
+        per_template = zeroshot.build_per_template_classifiers(
+            teacher, class_names, templates, cache
+        )
+        return classifier, per_template, zeroshot.logit_scale_of(teacher)
+    if train_dataset is None:
+        raise ConfigError(
+            "the teacher has no text tower: its accuracy is a linear probe, which needs the "
+            "train split (pass train_dataset)"
+        )
+    classifier = build_probe(
+        teacher,
+        train_dataset,
+        class_names,
+        config.classifier_cache,
+        batch_size=config.batch_size,
+        num_workers=config.num_workers,
+    )
+    return classifier, classifier[None], torch.zeros(())
+
+
 def run_suite(
     teacher: Any,
     clt: Any,
@@ -224,8 +261,12 @@ def run_suite(
     info: RunInfo,
     config: EvaluationConfig,
     output_dir: str | Path,
+    train_dataset: Dataset | None = None,
 ) -> dict[str, Any]:
     """Run every evaluation on `dataset` (the validation split) and write the results.
+
+    Accuracy is zero-shot when the teacher has a text tower, else a linear probe fit on
+    `train_dataset` (see `linear_probe.py`; prompt sensitivity is then undefined).
 
     Args:
         teacher: The frozen `Teacher` the CLT was trained on.
@@ -235,6 +276,7 @@ def run_suite(
         info: Identity of the run (dataset, backbone, sparsifier...).
         config: What to compute.
         output_dir: Folder for the JSON, tables and figures.
+        train_dataset: Train split (same transform), needed for a vision-only teacher.
 
     Returns:
         The JSON payloads by file stem ("cascade", "faithfulness", ...).
@@ -249,14 +291,14 @@ def run_suite(
     clt.eval()
     images = evaluation_images(dataset, config.n_images, config.seed)
     loader = DataLoader(images, batch_size=config.batch_size, num_workers=config.num_workers)
-    templates = zeroshot.templates_for(info.dataset)
-    classifier = zeroshot.build_classifier(teacher, class_names, templates, config.classifier_cache)
-    per_template = zeroshot.build_per_template_classifiers(
-        teacher, class_names, templates, config.classifier_cache
+    classifier, per_template, scale = _accuracy_head(
+        teacher, class_names, info, config, train_dataset
     )
-    scale = zeroshot.logit_scale_of(teacher)
+    layout = layout_of(teacher)
+    modes = [layout.check(m, "evaluation.modes") for m in config.modes or []]
+    modes = modes or [m for m in TOKEN_MODES if m in layout.groups]
     L = clt.n_layers
-    windows = default_windows(L, config.faithfulness_starts, config.modes)
+    windows = default_windows(L, config.faithfulness_starts, modes)
     log.info("evaluating %s on %d images: cascade", info.run_name, len(images))
     result = replacement.cascade(
         teacher,
@@ -265,7 +307,7 @@ def run_suite(
         classifier,
         scale,
         starts=config.starts,
-        modes=config.modes,
+        modes=modes,
         keep=windows,
         progress=True,
     )
@@ -287,7 +329,7 @@ def run_suite(
         classifier,
         scale,
         scores,
-        modes=config.modes,
+        modes=modes,
         k=config.ablation_k,
         progress=True,
     )
@@ -363,9 +405,12 @@ def _write_figures(out: Path, payloads, result, scores, info: RunInfo) -> None:
 
     name = f"{info.run_name} ({info.dataset}, {info.backbone})"
     plots.cascade_plot(result, out / "cascade.png", title=f"Cascaded replacement: {name}")
-    panels = {"[CLS]": scores.scores["cls"], "Patches": scores.scores["patches"]}
+    titles = {"cls": "[CLS]", "registers": "Registers", "patches": "Patches"}
+    panels = {titles[g]: scores.scores[g] for g in titles if g in scores.scores}
     plots.contribution_heatmaps(
         panels, out / "contributions.png", title=f"Contributions C[s, l]: {name}"
     )
-    runs = {group: payloads["reconstruction"][group] for group in TOKEN_MODES}
+    runs = {
+        g: payloads["reconstruction"][g] for g in TOKEN_MODES if g in payloads["reconstruction"]
+    }
     plots.reconstruction_curves(runs, out / "reconstruction.png", title=f"Reconstruction: {name}")

@@ -12,7 +12,11 @@ from clt_lightning.module import CLTModule
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 RUN_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml"))
-PAPER = [p for p in RUN_CONFIGS if p.stem != "quickstart"]
+PAPER = [p for p in RUN_CONFIGS if p.stem.split("_")[1:2] in (["b32"], ["b16"])]
+EXAMPLES = {
+    "imagenet100_siglip_b16_abs_topk": "open_clip",
+    "imagenet100_dinov2_b14_abs_topk": "timm",
+}
 
 
 def test_all_paper_runs_are_shipped() -> None:
@@ -43,6 +47,9 @@ def test_config_instantiates(config: Path, tmp_path: Path) -> None:
     assert isinstance(cli.datamodule, ActivationDataModule)
     if config.stem == "quickstart":
         return
+    if config.stem in EXAMPLES:
+        assert cli.datamodule.teacher_config.family == EXAMPLES[config.stem]
+        return
     dataset, backbone, sparsifier = config.stem.split("_", 2)
     hp = cli.model.hparams
     # the paper's settings (section 9): AdamW 2e-4, expansion 16, k = 128, 10 epochs, all tokens
@@ -57,3 +64,16 @@ def test_config_instantiates(config: Path, tmp_path: Path) -> None:
         cli.datamodule.teacher_config.model_name == {"b32": "ViT-B-32", "b16": "ViT-B-16"}[backbone]
     )
     assert cli.datamodule.teacher_config.pretrained == "openai"
+
+
+@pytest.mark.parametrize("stem", sorted(EXAMPLES))
+def test_backbone_examples_print_their_teacher(
+    stem: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli(["fit", "--config", str(CONFIGS / f"{stem}.yaml"), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    model_name = {"open_clip": "ViT-B-16-SigLIP", "timm": "vit_base_patch14_dinov2.lvd142m"}
+    assert f"model_name: {model_name[EXAMPLES[stem]]}" in printed
+    assert f"family: {EXAMPLES[stem]}" in printed

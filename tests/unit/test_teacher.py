@@ -244,8 +244,10 @@ def test_invalid_config_values(tiny_model_config: Path) -> None:
         TeacherConfig(precision="fp16")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="input_site"):
         TeacherConfig(input_site="mlp_out")  # type: ignore[arg-type]
-    with pytest.raises(ConfigError, match="only one"):
-        TeacherConfig(pretrained="openai", weights="w.safetensors")
+    with pytest.raises(ConfigError, match="family"):
+        TeacherConfig(family="timmm")
+    with pytest.raises(ConfigError, match="open_clip tag"):
+        TeacherConfig(family="timm", model_name="vit_tiny_patch16_224", pretrained="x")
     with pytest.raises(ConfigError, match="model_config"):
         TeacherConfig(pretrained="openai", model_config=str(tiny_model_config))
 
@@ -294,3 +296,25 @@ def test_config_without_required_keys(tmp_path: Path) -> None:
     path.write_text(json.dumps({"vision_cfg": {}}))
     with pytest.raises(ConfigError, match="embed_dim"):
         Teacher(TeacherConfig(model_config=str(path)))
+
+
+def test_local_openai_weights_keep_quick_gelu_under_both_spellings(tmp_path: Path) -> None:
+    """`pretrained: openai` + `weights: FILE` = OpenAI weights stored locally (QuickGELU)."""
+    torch.manual_seed(0)
+    reference = open_clip.create_model("ViT-B-32", force_quick_gelu=True).eval()
+    path = tmp_path / "openai-b32.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
+    images = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = reference.encode_image(images)
+    tagged = Teacher(TeacherConfig(model_name="ViT-B-32", pretrained="openai", weights=str(path)))
+    named = Teacher(TeacherConfig(model_name="ViT-B-32-quickgelu", weights=str(path)))
+    for teacher in (tagged, named):
+        acts = {type(m).__name__ for m in teacher.model.visual.modules()}
+        assert "QuickGELU" in acts and "GELU" not in acts
+        assert teacher.quick_gelu
+        assert torch.equal(teacher.encode_image(images), want)
+    assert tagged.identity()["pretrained"] == "openai"
+    assert not tagged.identity()["random_init"]
+    plain = Teacher(TeacherConfig(model_name="ViT-B-32", weights=str(path)))
+    assert not torch.equal(plain.encode_image(images), want)  # nn.GELU: the silent fault

@@ -1,0 +1,1 @@
+"""Vision backbones behind the `Teacher`: one adapter per model family (see `registry`)."""
