@@ -9,6 +9,9 @@ PY := $(VENV)/bin/python
 # CUDA users: `make install TORCH_SPEC="torch torchvision"` (or any pin for your driver).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 EXTRAS ?= cpu,dev
+# circuit-tracer's loader for the export round-trip test, without its dependencies (see
+# pyproject.toml); CIRCUIT_TRACER_SPEC= skips it (the test then skips, saying why).
+CIRCUIT_TRACER_SPEC ?= circuit-tracer==0.5.0
 STAMP := $(VENV)/.installed
 
 # sweep settings (see README "Reproducing the paper")
@@ -32,6 +35,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	$(if $(CIRCUIT_TRACER_SPEC),$(PY) -m pip install --quiet --no-deps $(CIRCUIT_TRACER_SPEC))
 	@touch $(STAMP)
 
 install: $(STAMP) ## build .venv in the checkout (torch pinned for this machine) and install the package
