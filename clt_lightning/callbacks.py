@@ -21,6 +21,7 @@ from lightning.pytorch.loggers import WandbLogger
 from clt_lightning.data.datasets import build_dataset
 from clt_lightning.errors import ConfigError
 from clt_lightning.evaluation.suite import EvaluationConfig, RunInfo, backbone_tag, run_suite
+from clt_lightning.evaluation.undefined import is_defined
 from clt_lightning.teacher import Teacher
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,8 @@ def scalar_summary(payloads: dict[str, Any]) -> dict[str, float]:
             metrics[f"eval/cascade_top1/{mode}/start_{start:02d}"] = top1
     for row in payloads["ablations"]["rows"]:
         for key in ("all_sources", "drop_top1", "keep_topk"):
-            metrics[f"eval/ablation/{row['mode']}/{key}"] = row[key]
+            if is_defined(row[key]):  # an undefined value is not logged as a number
+                metrics[f"eval/ablation/{row['mode']}/{key}"] = row[key]
     return metrics
 
 
@@ -65,7 +67,7 @@ def log_to_loggers(trainer: L.Trainer, payloads: dict[str, Any], folder: Path) -
                 logger.log_table(
                     "eval/faithfulness",
                     columns=columns,
-                    data=[[r[c] for c in columns] for r in rows],
+                    data=[[r[c] if is_defined(r[c]) else None for c in columns] for r in rows],
                     step=step,
                 )
             images = sorted(folder.glob("*.png"))

@@ -30,6 +30,7 @@ from mpl_toolkits.axes_grid1 import make_axes_locatable
 
 from clt_lightning.errors import ConfigError
 from clt_lightning.evaluation._io import atomic_write_bytes
+from clt_lightning.evaluation.undefined import Undefined
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +66,13 @@ def save_figure(fig: Figure, path: str | Path | None) -> Figure:
 
 
 def _as_array(values: Any) -> np.ndarray:
+    """float64 array; undefined entries (`Undefined`, None: JSON null) become NaN, which
+    matplotlib leaves out of a line or a heatmap."""
     if hasattr(values, "detach"):
         values = values.detach().cpu().double().numpy()
+    if isinstance(values, list | tuple):
+        values = [_as_array(v) if isinstance(v, list | tuple) else v for v in values]
+        values = [np.nan if v is None or isinstance(v, Undefined) else v for v in values]
     return np.asarray(values, dtype=np.float64)
 
 

@@ -68,3 +68,15 @@ def test_neighbour_score_that_is_not_a_number_is_undefined():
 def test_to_json_refuses_infinity_naming_the_path():
     with pytest.raises(ValueError, match=r"a\.b\[0\] is inf"):
         to_json({"a": {"b": [float("inf")]}})
+
+
+def test_reconstruction_curves_draw_undefined_values_as_gaps(tmp_path):
+    from clt_lightning.plots import reconstruction_curves
+
+    undefined = Undefined("r2 needs 2 tokens, the group has 1")
+    runs = {"cls": {"mse": [0.1, 0.2], "r2": [undefined, undefined], "cosine": [0.9, 0.8]}}
+    figure = reconstruction_curves(runs, tmp_path / "r.png", title="t")
+    r2_axis = [ax for ax in figure.axes if "R" in ax.get_ylabel() or "r2" in ax.get_title()]
+    assert (tmp_path / "r.png").is_file() and r2_axis
+    (line,) = r2_axis[0].get_lines()
+    assert np.isnan(line.get_ydata()).all()
