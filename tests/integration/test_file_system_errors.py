@@ -336,3 +336,21 @@ def test_report_fs_cases():
     print(f"\n{len(FS_CASES)} file-system cases handled:")
     for name in FS_CASES:
         print(f"  - {name}")
+
+
+def test_full_disk_under_metrics_csv_names_the_file(tmp_path):
+    """The run's metrics.csv writer on a real full tmpfs: a DiskSpaceError naming the file
+    (a write's ENOSPC carries no file name) that says how to resume."""
+    from clt_lightning.errors import DiskSpaceError
+    from clt_lightning.loggers import ResumableCSVLogger
+
+    with tmpfs(tmp_path / "disk", "1m") as disk:
+        logger = ResumableCSVLogger(str(disk), name="", version="")
+        logger.log_metrics({"train/loss": 1.0}, step=0)
+        logger.save()
+        leave_free(disk, 0)
+        with pytest.raises(DiskSpaceError, match=r"while writing .*metrics\.csv.*--ckpt_path last"):
+            for step in range(1, 2000):  # flushed every 100 steps; more than a page of rows
+                logger.log_metrics({"train/loss": 1.0 / step, "val/r2": 0.5}, step=step)
+            logger.save()
+    FS_CASES.append("real full disk under metrics.csv")
