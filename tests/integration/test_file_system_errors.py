@@ -153,29 +153,31 @@ def test_files_where_folders_are_expected(config, trained, tmp_path):
 # ----------------------------------------------------------------- read-only storage
 def test_read_only_folders(config, trained, tmp_path):
     """A read-only cache, run, evaluation, export or retrieval folder: one line with the
-    operation, the path and "Read-only file system" (EROFS tracebacks before)."""
+    path, the setting (or the operation) and "Read-only file system" (EROFS tracebacks
+    before); output folders are checked before the work."""
     ckpt = str(trained)
     with tmpfs(tmp_path / "ro", "1m", read_only=True) as ro:
         cases = {
             "read-only cache folder (clt cache)": (
-                ["cache", "--config", config(cache_dir=ro / "act")], ro / "act"),
+                ["cache", "--config", config(cache_dir=ro / "act")], ro / "act",
+                "cannot create the folder"),
             "read-only run folder (clt fit)": (
                 ["fit", "--config", config(run=ro / "run"), "--trainer.max_steps", "1"],
-                ro / "run"),
+                ro / "run", "trainer.default_root_dir"),
             "read-only evaluation folder": (
                 ["evaluate", "--config", config(), "--ckpt_path", ckpt,
                  "--evaluation.output_dir", str(ro / "eval"), "--evaluation.figures", "false"],
-                ro / "eval"),
+                ro / "eval", "evaluation.output_dir"),
             "read-only export folder": (
                 ["export", "--config", config(), "--ckpt_path", ckpt,
-                 "--output_dir", str(ro / "export")], ro / "export"),
+                 "--output_dir", str(ro / "export")], ro / "export", "output_dir"),
             "read-only retrieval folder": (
                 ["retrieve", "--config", config(), "--ckpt_path", ckpt,
-                 "--retrieval.output_dir", str(ro / "retrieval")], ro / "retrieval"),
+                 "--retrieval.output_dir", str(ro / "retrieval")], ro / "retrieval",
+                "retrieval.output_dir"),
         }  # fmt: skip
-        for name, (args, path) in cases.items():
-            message = expect_one_line(args, str(path), "Read-only file system", name=name)
-            assert message.startswith("cannot "), message
+        for name, (args, path, what) in cases.items():
+            expect_one_line(args, str(path), what, "Read-only file system", name=name)
 
 
 def test_complete_cache_on_read_only_storage(tiny_cache, config, tmp_path):
