@@ -333,13 +333,6 @@ def test_full_disk_in_evaluate_and_export_names_the_file(config, trained, tmp_pa
         ).is_file()
 
 
-def test_report_fs_cases():
-    """Print the cases that ran (for docs/reliability.md; run with -s)."""
-    print(f"\n{len(FS_CASES)} file-system cases handled:")
-    for name in FS_CASES:
-        print(f"  - {name}")
-
-
 def test_full_disk_under_metrics_csv_names_the_file(tmp_path):
     """The run's metrics.csv writer on a real full tmpfs: a DiskSpaceError naming the file
     (a write's ENOSPC carries no file name) that says how to resume."""
@@ -356,3 +349,10 @@ def test_full_disk_under_metrics_csv_names_the_file(tmp_path):
                 logger.log_metrics({"train/loss": 1.0 / step, "val/r2": 0.5}, step=step)
             logger.save()
     FS_CASES.append("real full disk under metrics.csv")
+
+
+def test_report_fs_cases():
+    """Print the cases that ran (for docs/reliability.md; run with -s)."""
+    print(f"\n{len(FS_CASES)} file-system cases handled:")
+    for name in FS_CASES:
+        print(f"  - {name}")
