@@ -191,6 +191,8 @@ def check_trainer_settings(config: dict[str, Any], run_folder: bool = False) -> 
             f"null for no clipping, got {clip}"
         )
     root = config.get("default_root_dir")
+    if root and "://" in str(root):  # a remote folder (s3://, gs://): Lightning's fsspec
+        return
     if root and run_folder:
         require_writable_folder(root, "trainer.default_root_dir")
     elif root:
