@@ -43,7 +43,11 @@ from clt_lightning.checkpointing import (  # noqa: E402
 from clt_lightning.data.datamodule import ActivationDataModule  # noqa: E402
 from clt_lightning.errors import CLTError, ConfigError  # noqa: E402
 from clt_lightning.evaluation.suite import EvaluationConfig  # noqa: E402
-from clt_lightning.files import is_disk_full, require_folder  # noqa: E402
+from clt_lightning.files import (  # noqa: E402
+    is_disk_full,
+    require_folder,
+    require_writable_folder,
+)
 from clt_lightning.loggers import default_loggers  # noqa: E402
 from clt_lightning.messages import user_message  # noqa: E402
 from clt_lightning.module import CLTModule, check_training_precision  # noqa: E402
@@ -144,7 +148,7 @@ class CLTLightningCLI(LightningCLI):
             isinstance(c, ModelCheckpoint) for c in configured
         ):
             callbacks = [c for c in callbacks if not isinstance(c, CLTCheckpoint)]
-        check_trainer_settings(config)
+        check_trainer_settings(config, run_folder=self.subcommand == "fit")
         plugins = config.get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
@@ -196,12 +200,16 @@ def check_ckpt_path(config: Any) -> None:
         read_checkpoint(ckpt_path, mmap=True)
 
 
-def check_trainer_settings(config: dict[str, Any]) -> None:
+def check_trainer_settings(config: dict[str, Any], run_folder: bool = False) -> None:
     """Refuse trainer values Lightning would silently reinterpret, before any work.
 
+    Args:
+        config: The trainer's init arguments.
+        run_folder: Also check that `default_root_dir` can be written (`clt fit`).
+
     Raises:
-        ConfigError: `gradient_clip_val` <= 0 (Lightning turns clipping off) or a
-            `default_root_dir` that is a file.
+        ConfigError: `gradient_clip_val` <= 0 (Lightning turns clipping off), or a
+            `default_root_dir` that is a file (or, with run_folder, cannot be written).
     """
     clip = config.get("gradient_clip_val")
     if clip is not None and not clip > 0:
@@ -209,8 +217,13 @@ def check_trainer_settings(config: dict[str, Any]) -> None:
             f"trainer.gradient_clip_val must be > 0 (the largest gradient norm or value) or "
             f"null for no clipping, got {clip}"
         )
-    if config.get("default_root_dir"):
-        require_folder(config["default_root_dir"], "trainer.default_root_dir")
+    root = config.get("default_root_dir")
+    if root and "://" in str(root):  # a remote folder (s3://, gs://): Lightning's fsspec
+        return
+    if root and run_folder:
+        require_writable_folder(root, "trainer.default_root_dir")
+    elif root:
+        require_folder(root, "trainer.default_root_dir")
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> CLTLightningCLI:

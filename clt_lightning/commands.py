@@ -16,7 +16,7 @@ from clt_lightning.data.datasets import DatasetConfig, build_dataset
 from clt_lightning.errors import CheckpointMismatchError, ConfigError
 from clt_lightning.evaluation.retrieval_descriptors import AGGREGATIONS, SIMILARITIES
 from clt_lightning.evaluation.suite import EvaluationConfig, RunInfo, backbone_tag, run_suite
-from clt_lightning.files import require_folder
+from clt_lightning.files import require_folder, require_writable_folder
 from clt_lightning.teacher import Teacher, TeacherConfig
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,7 @@ def evaluate(
     clt = load_clt(ckpt_path)
     teacher = Teacher(teacher_config)
     check_fits_teacher(clt, teacher, ckpt_path)
+    require_writable_folder(output_dir, "evaluation.output_dir")  # creates it: checks first
     dataset = build_dataset(dataset_config, "val", teacher.preprocess)
     info = RunInfo(
         run_name=folder.name,
@@ -176,10 +177,11 @@ def retrieve(
     output_dir = Path(config.output_dir) if config.output_dir else folder / "retrieval"
     index_dir = config.index_dir or output_dir / f"index_{config.aggregation}"
     require_folder(output_dir, "retrieval.output_dir")
-    require_folder(index_dir, "retrieval.index_dir")
+    require_folder(index_dir, "retrieval.index_dir")  # may be read-only when it is complete
     clt = load_clt(ckpt_path)
     teacher = Teacher(teacher_config)
     check_fits_teacher(clt, teacher, ckpt_path)
+    require_writable_folder(output_dir, "retrieval.output_dir")  # creates it: checks first
     corpus = build_dataset(dataset_config, "train", teacher.preprocess)
     query_dataset = None
     if config.query_path is None:
@@ -214,6 +216,7 @@ def export(teacher_config: TeacherConfig, ckpt_path: str, output_dir: str, fmt: 
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"export format {fmt!r} unknown; valid: {list(EXPORT_FORMATS)}")
     clt = load_clt(ckpt_path)
+    require_writable_folder(output_dir, "output_dir")
     if fmt == "clt-lightning":
         return clt.save_pretrained(output_dir)
     name = teacher_config.model_name

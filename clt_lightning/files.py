@@ -351,3 +351,31 @@ def require_folder(path: str | Path, key: str) -> Path:
                 )
             break
     return path
+
+
+def require_writable_folder(path: str | Path, key: str) -> Path:
+    """`require_folder`, then create the folder and check a file can be made in it, so a
+    read-only or forbidden output folder is refused before any work.
+
+    Args:
+        path: An output folder setting's value.
+        key: The setting, for the message (e.g. "evaluation.output_dir").
+
+    Returns:
+        `path` as a Path (created if missing).
+
+    Raises:
+        ConfigError: A file stands there, or the folder cannot be created or written
+            (read-only file system, permissions); names the key, path and reason.
+    """
+    path = require_folder(path, key)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise ConfigError(
+            f"{key}={str(path)!r} cannot be written: {error.strerror or error}; choose a "
+            "writable folder"
+        ) from error
+    return path

@@ -24,6 +24,9 @@ from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
+from clt_lightning.errors import DiskSpaceError
+from clt_lightning.files import is_disk_full
+
 log = logging.getLogger(__name__)
 
 
@@ -87,14 +90,22 @@ class _KeepingExperimentWriter(ExperimentWriter):
         pass
 
     def save(self) -> None:
-        if self._trim_pending and self.metrics:
-            self._trim_pending = False
-            first_step = min(int(row["step"]) for row in self.metrics)
-            fieldnames, rows = self._read_rows()
-            kept = [row for row in rows if _step_of(row) < first_step]
-            self.metrics_keys = sorted(set(fieldnames) | set(self.metrics_keys))
-            self._write_rows(self.metrics_keys, kept)
-        super().save()
+        try:
+            if self._trim_pending and self.metrics:
+                self._trim_pending = False
+                first_step = min(int(row["step"]) for row in self.metrics)
+                fieldnames, rows = self._read_rows()
+                kept = [row for row in rows if _step_of(row) < first_step]
+                self.metrics_keys = sorted(set(fieldnames) | set(self.metrics_keys))
+                self._write_rows(self.metrics_keys, kept)
+            super().save()
+        except OSError as error:  # name the file (a write's ENOSPC carries no file name)
+            if not is_disk_full(error):
+                raise
+            raise DiskSpaceError(
+                f"no space left on the device while writing {self.metrics_file_path}; free "
+                "some space and resume with `clt fit --config ... --ckpt_path last`"
+            ) from error
 
     def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
         self._write_rows(fieldnames, self._read_rows()[1])

@@ -38,7 +38,8 @@ def describe_os_error(error: OSError) -> str:
 
     The operation is read from the innermost frame of the traceback that names a file
     operation (`mkdir`, `open`, `os.replace`, ...), e.g. "cannot create the folder
-    /data/cache/train: [Errno 30] Read-only file system".
+    /data/cache/train: Read-only file system (OSError); the file system is read-only:
+    choose a writable folder".
 
     Args:
         error: Any OSError (raised, so that it has a traceback).

@@ -12,8 +12,8 @@ safe inside a training process.
 
 from __future__ import annotations
 
+import io
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +23,8 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
+
+from clt_lightning.files import atomic_write_bytes
 
 if TYPE_CHECKING:
     from clt_lightning.evaluation.retrieval import LayerNeighbours
@@ -152,10 +154,8 @@ def retrieval_grid(
                 float(result.scores[query_row, rank]), query_label, score_name,
             )  # fmt: skip
     figure.suptitle(title, fontsize=11, y=1 - 0.12 / height, va="top")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(path.name + ".partial")
-    figure.savefig(temp, format="png", dpi=dpi, bbox_inches="tight")
-    os.replace(temp, path)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    path = atomic_write_bytes(path, buffer.getvalue())  # a full disk names the file
     log.info("wrote retrieval grid %s", path)
     return path

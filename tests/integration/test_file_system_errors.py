@@ -153,29 +153,31 @@ def test_files_where_folders_are_expected(config, trained, tmp_path):
 # ----------------------------------------------------------------- read-only storage
 def test_read_only_folders(config, trained, tmp_path):
     """A read-only cache, run, evaluation, export or retrieval folder: one line with the
-    operation, the path and "Read-only file system" (EROFS tracebacks before)."""
+    path, the setting (or the operation) and "Read-only file system" (EROFS tracebacks
+    before); output folders are checked before the work."""
     ckpt = str(trained)
     with tmpfs(tmp_path / "ro", "1m", read_only=True) as ro:
         cases = {
             "read-only cache folder (clt cache)": (
-                ["cache", "--config", config(cache_dir=ro / "act")], ro / "act"),
+                ["cache", "--config", config(cache_dir=ro / "act")], ro / "act",
+                "cannot create the folder"),
             "read-only run folder (clt fit)": (
                 ["fit", "--config", config(run=ro / "run"), "--trainer.max_steps", "1"],
-                ro / "run"),
+                ro / "run", "trainer.default_root_dir"),
             "read-only evaluation folder": (
                 ["evaluate", "--config", config(), "--ckpt_path", ckpt,
                  "--evaluation.output_dir", str(ro / "eval"), "--evaluation.figures", "false"],
-                ro / "eval"),
+                ro / "eval", "evaluation.output_dir"),
             "read-only export folder": (
                 ["export", "--config", config(), "--ckpt_path", ckpt,
-                 "--output_dir", str(ro / "export")], ro / "export"),
+                 "--output_dir", str(ro / "export")], ro / "export", "output_dir"),
             "read-only retrieval folder": (
                 ["retrieve", "--config", config(), "--ckpt_path", ckpt,
-                 "--retrieval.output_dir", str(ro / "retrieval")], ro / "retrieval"),
+                 "--retrieval.output_dir", str(ro / "retrieval")], ro / "retrieval",
+                "retrieval.output_dir"),
         }  # fmt: skip
-        for name, (args, path) in cases.items():
-            message = expect_one_line(args, str(path), "Read-only file system", name=name)
-            assert message.startswith("cannot "), message
+        for name, (args, path, what) in cases.items():
+            expect_one_line(args, str(path), what, "Read-only file system", name=name)
 
 
 def test_complete_cache_on_read_only_storage(tiny_cache, config, tmp_path):
@@ -282,7 +284,7 @@ def test_full_disk_under_retrieval_memory_maps(config, trained, tmp_path):
         out = disk / "retrieval"
         args = ["retrieve", "--config", config(), "--ckpt_path", str(trained),
                 "--retrieval.output_dir", str(out), "--retrieval.query_index", "1"]  # fmt: skip
-        filler = leave_free(disk, 16 * 1024)  # header + last page of a 38 KB map fit, not all
+        filler = leave_free(disk, 32 * 1024)  # the 3 maps are created sparse, not filled
         result = _clt_process(args)
         assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
         assert "Traceback" not in result.stderr
@@ -329,6 +331,24 @@ def test_full_disk_in_evaluate_and_export_names_the_file(config, trained, tmp_pa
         assert (disk / "export" / "clt.safetensors").is_file() and (
             disk / "eval" / "run.json"
         ).is_file()
+
+
+def test_full_disk_under_metrics_csv_names_the_file(tmp_path):
+    """The run's metrics.csv writer on a real full tmpfs: a DiskSpaceError naming the file
+    (a write's ENOSPC carries no file name) that says how to resume."""
+    from clt_lightning.errors import DiskSpaceError
+    from clt_lightning.loggers import ResumableCSVLogger
+
+    with tmpfs(tmp_path / "disk", "1m") as disk:
+        logger = ResumableCSVLogger(str(disk), name="", version="")
+        logger.log_metrics({"train/loss": 1.0}, step=0)
+        logger.save()
+        leave_free(disk, 0)
+        with pytest.raises(DiskSpaceError, match=r"while writing .*metrics\.csv.*--ckpt_path last"):
+            for step in range(1, 2000):  # flushed every 100 steps; more than a page of rows
+                logger.log_metrics({"train/loss": 1.0 / step, "val/r2": 0.5}, step=step)
+            logger.save()
+    FS_CASES.append("real full disk under metrics.csv")
 
 
 def test_report_fs_cases():
