@@ -131,7 +131,8 @@ class CLTModule(L.LightningModule):
         return self.clt
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        trainer = attached_trainer(self)
+        datamodule = getattr(trainer, "datamodule", None) if trainer else None
         if datamodule is None:
             if self.clt is None:
                 raise ConfigError("CLTModule needs a datamodule (or n_layers and d_model)")
@@ -202,7 +203,8 @@ class CLTModule(L.LightningModule):
         return True
 
     def _calibration_batches(self) -> Any:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        trainer = attached_trainer(self)
+        datamodule = getattr(trainer, "datamodule", None) if trainer else None
         if datamodule is None:
             log.warning("no datamodule: the inference threshold stays the training EMA")
             return None
@@ -258,7 +260,7 @@ class CLTModule(L.LightningModule):
         asks for `trainer.estimated_stepping_batches`, which needs max_epochs or max_steps
         and the train loader.
         """
-        if not self._trainer or self.trainer.state.fn != TrainerFn.FITTING:
+        if attached_trainer(self) is None or self.trainer.state.fn != TrainerFn.FITTING:
             return 1.0
         total = self.trainer.estimated_stepping_batches
         if not total or math.isinf(total):
@@ -358,7 +360,7 @@ class CLTModule(L.LightningModule):
 
         def lr_lambda(step: int) -> float:
             if step > hp.warmup_steps and not total:
-                steps = self.trainer.estimated_stepping_batches if self._trainer else 0
+                steps = self.trainer.estimated_stepping_batches if attached_trainer(self) else 0
                 total.append(int(steps) if steps and not math.isinf(steps) else 0)
             known = total[0] if total else 0
             return lr_factor(step, hp.warmup_steps, known, hp.schedule, hp.min_lr_ratio)
