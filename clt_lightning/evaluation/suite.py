@@ -29,9 +29,15 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from clt_lightning.errors import ConfigError
-from clt_lightning.evaluation import ablations, contributions, faithfulness, replacement, zeroshot
+from clt_lightning.evaluation import (
+    ablations,
+    clean_pass,
+    contributions,
+    faithfulness,
+    replacement,
+    zeroshot,
+)
 from clt_lightning.evaluation._io import atomic_write_bytes, write_csv, write_markdown
-from clt_lightning.metrics import ReconstructionMetrics
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +55,10 @@ class EvaluationConfig:
         num_workers: DataLoader workers decoding images.
         starts: Start layers s of the cascade s -> L-1 (None = every layer).
         modes: Token modes replaced: any of "cls", "patches", "all".
-        faithfulness_starts: Windows s -> L-1 for the faithfulness table (None = the
-            paper's 0, L-5, L-2, L-1, i.e. 0-11, 7-11, 10-11, 11 for 12 layers).
+        faithfulness_starts: Windows s -> L-1 for the faithfulness table, each in every
+            mode (None = the paper's Table 5 rows: 0-11, 7-11, 10-11, 11 for [CLS] and
+            0-11, 7-11, 10-11 for patches, mapped to other depths by offset from the last
+            layer).
         ablation_k: Sources kept by the sufficiency ablation (paper: 4).
         classifier_cache: Folder caching zero-shot classifiers per (teacher, dataset).
         figures: Write PNG figures.
@@ -105,26 +113,16 @@ def _write_json(path: Path, payload: Any) -> None:
 def reconstruction_metrics(teacher: Any, clt: Any, loader: DataLoader) -> dict[str, dict]:
     """Per-layer MSE, R^2, cosine and L0 of the CLT on teacher-forced activations.
 
+    A stand-alone teacher pass (`run_suite` gets the same numbers from its shared pass).
+
     Returns:
         group ("all", "cls", "patches") -> metric -> per-layer list.
     """
-    metrics = {  # one rank runs the suite: never all-gather (other ranks wait at a barrier)
-        g: ReconstructionMetrics(clt.n_layers, clt.d_model, sync_on_compute=False)
-        for g in TOKEN_MODES
-    }
-    device = next(clt.parameters()).device
+    metrics = clean_pass.reconstruction_accumulators(clt.n_layers, clt.d_model)
     for images, *_ in tqdm(loader, desc="reconstruction", leave=False):
         x, y = teacher.capture(images.to(teacher.device))
-        n, t = x.shape[:2]
-        x, y = x.flatten(0, 1).to(device).float(), y.flatten(0, 1).to(device).float()
-        with torch.no_grad():
-            out = clt(x)
-        l0 = (out.encoding.z != 0).sum(-1)
-        is_cls = (torch.arange(t, device=device) == 0).repeat(n)
-        metrics["all"].update(out.y_hat, y, l0)
-        metrics["cls"].update(out.y_hat[is_cls], y[is_cls], l0[is_cls])
-        metrics["patches"].update(out.y_hat[~is_cls], y[~is_cls], l0[~is_cls])
-    return {g: {k: v.tolist() for k, v in m.compute().items()} for g, m in metrics.items()}
+        clean_pass.update_reconstruction(metrics, clt, x, y)
+    return clean_pass.reconstruction_payload(metrics)
 
 
 def _cascade_payload(result: replacement.CascadeResult) -> dict[str, Any]:
@@ -183,10 +181,24 @@ class RunInfo:
     checkpoint: str | None = None
 
 
-def default_windows(n_layers: int, starts: list[int] | None, modes: list[str]):
-    """(start, mode) windows for Table 5: the paper's 0, L-5, L-2, L-1 by default."""
+def default_windows(
+    n_layers: int, starts: list[int] | None, modes: list[str]
+) -> list[tuple[int, str]]:
+    """(start, mode) windows for Table 5.
+
+    Args:
+        n_layers: L.
+        starts: Explicit starts, each evaluated in every mode; None = the paper's rows
+            (`faithfulness.table5_windows`: 0-11, 7-11, 10-11, 11 for [CLS] and 0-11, 7-11,
+            10-11 for patches at L = 12, by offset from the last layer elsewhere; the
+            paper has no all-token rows).
+        modes: The token modes evaluated.
+
+    Raises:
+        ConfigError: A start outside 0..L-1.
+    """
     if starts is None:
-        starts = sorted({0, max(0, n_layers - 5), max(0, n_layers - 2), n_layers - 1})
+        return faithfulness.table5_windows(n_layers, modes)
     bad = [s for s in starts if not 0 <= s < n_layers]
     if bad:
         raise ConfigError(f"evaluation.faithfulness_starts {bad} outside 0..{n_layers - 1}")
@@ -227,59 +239,92 @@ def run_suite(
     clt.eval()
     images = evaluation_images(dataset, config.n_images, config.seed)
     loader = DataLoader(images, batch_size=config.batch_size, num_workers=config.num_workers)
-    templates = zeroshot.templates_for(info.dataset)
-    classifier = zeroshot.build_classifier(teacher, class_names, templates, config.classifier_cache)
-    per_template = zeroshot.build_per_template_classifiers(
-        teacher, class_names, templates, config.classifier_cache
-    )
-    scale = zeroshot.logit_scale_of(teacher)
-    L = clt.n_layers
-    windows = default_windows(L, config.faithfulness_starts, config.modes)
-    log.info("evaluating %s on %d images: cascade", info.run_name, len(images))
-    result = replacement.cascade(
-        teacher,
-        clt,
-        loader,
-        classifier,
-        scale,
-        starts=config.starts,
-        modes=config.modes,
-        keep=windows,
-        progress=True,
-    )
-    payloads: dict[str, Any] = {"cascade": _cascade_payload(result)}
-    reports = faithfulness.faithfulness_from_cascade(
-        result, classifier, scale, per_template, windows
-    )
-    payloads["faithfulness"] = {"rows": _faithfulness_rows(reports, windows, L)}
-    log.info("contribution scores")
-    scores = contributions.contribution_scores(teacher, clt, loader, progress=True)
-    payloads["contributions"] = {g: s.tolist() for g, s in scores.scores.items()}
-    log.info("necessity / sufficiency ablations")
+    head = _zero_shot_head(teacher, class_names, info.dataset, config.classifier_cache)
+    log.info("evaluating %s on %d images: one clean teacher pass", info.run_name, len(images))
+    payloads, result, reports, scores = _clean_pass_payloads(teacher, clt, loader, head, config)
+    log.info("necessity / sufficiency ablations (second teacher pass)")
     ablation = ablations.ablate(
         teacher,
         clt,
         loader,
-        classifier,
-        scale,
+        head.classifier,
+        head.scale,
         scores,
         modes=config.modes,
         k=config.ablation_k,
         progress=True,
     )
-    payloads["ablations"] = _ablation_payload(ablation, scores, L)
-    log.info("reconstruction metrics")
-    payloads["reconstruction"] = reconstruction_metrics(teacher, clt, loader)
+    payloads["ablations"] = _ablation_payload(ablation, scores, clt.n_layers)
     _write_outputs(out, payloads, result, reports, ablation, scores, info, config)
     run = {
         **asdict(info),
         "sparsifier": clt.sparsifier.name,
         "n_images": len(images),
-        "n_layers": L,
+        "n_layers": clt.n_layers,
     }
     payloads["run"] = run
     _write_json(out / "run.json", run)
     return payloads
+
+
+@dataclass
+class ZeroShotHead:
+    """The zero-shot head of one evaluation.
+
+    Args:
+        classifier: [E, C] template-averaged classifier.
+        per_template: [n_templates, E, C] one classifier per prompt template.
+        scale: The model's log temperature.
+    """
+
+    classifier: torch.Tensor
+    per_template: torch.Tensor
+    scale: torch.Tensor
+
+
+def _zero_shot_head(
+    teacher: Any, class_names: list[str], dataset: str, cache: str | None
+) -> ZeroShotHead:
+    templates = zeroshot.templates_for(dataset)
+    return ZeroShotHead(
+        zeroshot.build_classifier(teacher, class_names, templates, cache),
+        zeroshot.build_per_template_classifiers(teacher, class_names, templates, cache),
+        zeroshot.logit_scale_of(teacher),
+    )
+
+
+def _clean_pass_payloads(
+    teacher: Any, clt: Any, loader: DataLoader, head: ZeroShotHead, config: EvaluationConfig
+) -> tuple[dict[str, Any], Any, dict[str, Any], Any]:
+    """Cascade, faithfulness, contributions and reconstruction from one clean teacher pass.
+
+    Returns:
+        (payloads by file stem, the cascade result, faithfulness reports, contribution scores).
+    """
+    n_layers = clt.n_layers
+    windows = default_windows(n_layers, config.faithfulness_starts, config.modes)
+    cascade = replacement.CascadeAccumulator(
+        teacher, clt, head.classifier, head.scale, config.starts, config.modes, keep=windows
+    )
+    contribution = contributions.ContributionAccumulator(n_layers)
+    reconstruction = clean_pass.reconstruction_accumulators(n_layers, clt.d_model)
+    clean_pass.shared_clean_pass(
+        teacher, clt, loader, cascade, contribution, reconstruction, progress=True
+    )
+    result = cascade.compute()
+    reports = {}
+    if windows:  # the paper has no all-token rows: modes=["all"] has no default window
+        reports = faithfulness.faithfulness_from_cascade(
+            result, head.classifier, head.scale, head.per_template, windows
+        )
+    scores = contribution.compute()
+    payloads: dict[str, Any] = {
+        "cascade": _cascade_payload(result),
+        "faithfulness": {"rows": _faithfulness_rows(reports, windows, n_layers)},
+        "contributions": {g: s.tolist() for g, s in scores.scores.items()},
+        "reconstruction": clean_pass.reconstruction_payload(reconstruction),
+    }
+    return payloads, result, reports, scores
 
 
 def _ablation_payload(ablation: Any, scores: Any, n_layers: int) -> dict[str, Any]:
