@@ -165,7 +165,7 @@ class RetrievalCallback(Callback):
     Args:
         query_indices: Validation images whose grids are written and logged.
         k: Neighbours per layer.
-        aggregation: "cls", "patches" or "all".
+        aggregation: "cls", "patches" or "all" (W&B key `retrieval/grids/<aggregation>`).
         max_corpus_images: Index at most this many training images (None = all).
     """
 
@@ -178,6 +178,11 @@ class RetrievalCallback(Callback):
     ) -> None:
         self.query_indices, self.k = list(query_indices), k
         self.aggregation, self.max_corpus_images = aggregation, max_corpus_images
+
+    @property
+    def state_key(self) -> str:
+        """One per aggregation, so a config may hold a [CLS] and a patch retrieval."""
+        return f"{type(self).__qualname__}[aggregation={self.aggregation}]"
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.fast_dev_run:
@@ -214,6 +219,5 @@ class RetrievalCallback(Callback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 captions = [f"query {i}" for i in self.query_indices]
-                logger.log_image(
-                    "retrieval/grids", grids, step=trainer.global_step, caption=captions
-                )
+                key = f"retrieval/grids/{self.aggregation}"
+                logger.log_image(key, grids, step=trainer.global_step, caption=captions)

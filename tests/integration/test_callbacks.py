@@ -110,11 +110,11 @@ def test_per_epoch_keys_images_and_tables_in_the_offline_wandb_run(fitted) -> No
     final = json.loads((run / "evaluation" / "cascade.json").read_text())
     assert summary["eval_full/baseline_top1"] == final["baseline"]["top1"]
     assert summary["eval/epoch"] == 1.0
-    assert summary["retrieval/grids"]["count"] == 2
+    assert summary["retrieval/grids/cls"]["count"] == 2
     media = wandb_dir / "files" / "media"
     contribution_images = sorted((media / "images" / "eval" / "figure").glob("contributions_*.png"))
     assert len(contribution_images) == 2  # one per epoch
-    assert len(list((media / "images" / "retrieval").glob("grids_*.png"))) == 2
+    assert len(list((media / "images" / "retrieval" / "grids").glob("cls_*.png"))) == 2
     # the faithfulness Table of the last epoch holds faithfulness.json's rows
     last = history[-1]["eval/table/faithfulness"]["path"]
     table = json.loads((wandb_dir / "files" / last).read_text())
