@@ -73,11 +73,20 @@ def test_shared_pass_suite_equals_four_passes(tiny_teacher, clt, dataset, tmp_pa
         torch.testing.assert_close(
             torch.tensor(payloads["contributions"][group], dtype=torch.float64),
             score,
-            rtol=1e-12,
-            atol=1e-12,
+            rtol=1e-6,
+            atol=1e-9,
             equal_nan=True,
         )
-    assert payloads["reconstruction"] == reference["reconstruction"]
+    # reused codes: per-layer instead of whole-token matrix products, float rounding apart
+    for group, metrics in reference["reconstruction"].items():
+        assert payloads["reconstruction"][group]["l0"] == metrics["l0"]
+        for name in ("mse", "r2", "cosine"):
+            torch.testing.assert_close(
+                torch.tensor(payloads["reconstruction"][group][name]),
+                torch.tensor(metrics[name]),
+                rtol=1e-6,
+                atol=1e-9,
+            )
     for row in payloads["ablations"]["rows"]:
         expected = reference["ablation"].accuracy[row["mode"]]
         assert (row["all_sources"], row["drop_top1"], row["keep_topk"]) == (
@@ -86,8 +95,26 @@ def test_shared_pass_suite_equals_four_passes(tiny_teacher, clt, dataset, tmp_pa
             expected["keep_topk"],
         )
     on_disk = json.loads((tmp_path / "reconstruction.json").read_text())
-    assert on_disk == reference["reconstruction"]
+    assert on_disk == payloads["reconstruction"]
     assert (tmp_path / "run.json").is_file()
+
+
+def test_shared_pass_without_every_token_encodes_them_itself(tiny_teacher, clt, dataset, tmp_path):
+    """Modes that leave tokens out (here [CLS] only): contributions and reconstruction
+    encode the recorded inputs; still the numbers of separate passes."""
+    config = suite.EvaluationConfig(
+        batch_size=4, classifier_cache=None, figures=False, modes=["cls"], ablation_k=2
+    )
+    info = suite.RunInfo("run", "digits", "tiny")
+    payloads = suite.run_suite(tiny_teacher, clt, dataset, CLASSES, info, config, tmp_path)
+    loader = DataLoader(dataset, batch_size=4)
+    scores = contributions.contribution_scores(tiny_teacher, clt, loader)
+    assert payloads["reconstruction"] == suite.reconstruction_metrics(tiny_teacher, clt, loader)
+    for group, score in scores.scores.items():
+        expected = torch.nan_to_num(score, nan=-1.0).tolist()
+        got = torch.tensor(payloads["contributions"][group], dtype=torch.float64)
+        got = torch.nan_to_num(got, nan=-1.0)
+        assert got.tolist() == expected
 
 
 def test_shared_pass_runs_the_teacher_twice_per_batch(tiny_teacher, clt, dataset, tmp_path):
