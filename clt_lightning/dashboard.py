@@ -180,7 +180,7 @@ def wandb_panels(payloads: Mapping[str, Any], folder: Path, prefix: str) -> dict
         )
     panels[f"{prefix}/table/contributions"] = wandb.Table(
         columns=["group", "source", "target", "score"],
-        data=list(_contribution_rows(payloads["contributions"])),
+        data=list(contribution_rows(payloads["contributions"])),
     )
     for stem in FIGURES:
         path = folder / f"{stem}.png"
@@ -189,7 +189,7 @@ def wandb_panels(payloads: Mapping[str, Any], folder: Path, prefix: str) -> dict
     return panels
 
 
-def _contribution_rows(scores: Mapping[str, list[list[float]]]) -> Iterable[list[Any]]:
+def contribution_rows(scores: Mapping[str, list[list[float]]]) -> Iterable[list[Any]]:
     """(group, source, target, C[s, l]) rows; source "bias" is the bias row, s > l left out."""
     for group, matrix in scores.items():
         n_layers = len(matrix) - 1
