@@ -74,7 +74,7 @@ def test_per_epoch_and_final_keys_in_the_csv_log(fitted) -> None:
         assert cascade["n_images"] == 6 and float(row["eval/n_images"]) == 6
         for mode in ("cls", "patches", "all"):
             for start, top1 in zip(
-                cascade["modes"][mode]["starts"], cascade["modes"][mode]["top1"]
+                cascade["modes"][mode]["starts"], cascade["modes"][mode]["top1"], strict=True
             ):
                 assert float(row[f"eval/cascade_top1/{mode}/start_{start:02d}"]) == top1
         recon = json.loads((run / f"evaluation/epoch_{epoch:02d}/reconstruction.json").read_text())
