@@ -61,3 +61,19 @@ def test_report_names_errors_and_machine() -> None:
     assert "**Failed or missing**: retrieval" in report
     assert info["cpu"] in report and info["torch"] in report
     assert "| train_step_relu_topk_sparse | 35 | 3.50x |" in report
+
+
+def test_suite_target_needs_a_faster_shared_pass_with_the_same_numbers() -> None:
+    def rows(ratio: float, same: bool) -> dict:
+        return {
+            "suite": [
+                {"name": "suite_four_passes", "ratio": 1.0, "matches_four_passes": True},
+                {"name": "suite_shared_pass", "ratio": ratio, "matches_four_passes": same},
+            ]
+        }
+
+    assert bench_run._suite_targets(rows(0.6, True))[0].met is True
+    assert bench_run._suite_targets(rows(1.1, True))[0].met is False
+    (differ,) = bench_run._suite_targets(rows(0.6, False))
+    assert differ.met is False and "numbers differ" in differ.measured
+    assert bench_run._suite_targets({})[0].met is None
