@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.image import imread
+from matplotlib.ticker import MaxNLocator
 
 from clt_lightning.plots import save_figure
 
@@ -98,6 +99,7 @@ def training_curves(histories: Mapping[str, list[dict[str, float]]], path: Path 
     axes[3].set(title="Mean R² over layers (all tokens)", ylabel="R²")
     for ax in axes:
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, title="dashed: baseline", title_fontsize=8)
     fig.suptitle("During training: evaluation callback on a fixed subset of val images")
@@ -118,6 +120,7 @@ def _line_panel(
     for name, values in series.items():
         ax.plot(xs, values, "o-" if name != "baseline" else "--", label=name, markersize=3)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
 
