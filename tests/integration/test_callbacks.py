@@ -164,3 +164,23 @@ def test_callbacks_switched_off_from_the_command_line(tiny_cache: Path, tmp_path
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert not (run / "evaluation").exists() and not (run / "retrieval").exists()
     assert not any(k.startswith("eval") for r in read_metrics(run) for k in r if r[k])
+
+
+def test_dashboard_picture_is_drawn_from_the_logged_data(fitted, tmp_path: Path) -> None:
+    from experiments.logged_figures import dashboard_figure, eval_history, training_curves
+
+    run, _ = fitted
+    history = eval_history(run)
+    assert [r["eval/epoch"] for r in history] == [0.0, 1.0]
+    fig = dashboard_figure(run, tmp_path / "dashboard.png")
+    assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+    titles = [ax.get_title() for ax in fig.axes]
+    assert any(t.startswith("eval/chart/cascade_top1") for t in titles)
+    assert any(t.startswith("eval/figure/contributions") for t in titles)
+    cascade = json.loads((run / "evaluation/epoch_01/cascade.json").read_text())
+    (first,) = [ax for ax in fig.axes if ax.get_title().startswith("eval/chart/cascade_top1")]
+    drawn = {line.get_label(): list(line.get_ydata()) for line in first.get_lines()}
+    assert drawn["patches"] == cascade["modes"]["patches"]["top1"]
+    curves = training_curves({"tiny": history}, None)
+    (line,) = [ln for ln in curves.axes[3].get_lines() if ln.get_label() == "tiny"]
+    assert list(line.get_ydata()) == [r["eval/reconstruction/r2/all/mean"] for r in history]
