@@ -66,16 +66,16 @@ class EvaluationCallback(Callback):
         config: The fit-end evaluation (images, windows, ...), as `clt evaluate` takes it;
             `output_dir` defaults to `<run folder>/evaluation`.
         every_n_epochs: Evaluate the subset after every n-th training epoch (0 = never).
-        epoch_n_images: Validation images of the per-epoch subset (seeded by `config.seed`).
         at_fit_end: Run the full evaluation when fit ends.
+        epoch_n_images: Validation images of the per-epoch subset (seeded by `config.seed`).
     """
 
     def __init__(
         self,
         config: EvaluationConfig = EvaluationConfig(),
         every_n_epochs: int = 1,
-        epoch_n_images: int = 512,
         at_fit_end: bool = True,
+        epoch_n_images: int = 512,
     ) -> None:
         if every_n_epochs < 0:
             raise ConfigError(
