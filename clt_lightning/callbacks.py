@@ -87,7 +87,7 @@ class EvaluationCallback(Callback):
             )
         self.config, self.every_n_epochs, self.at_fit_end = config, every_n_epochs, at_fit_end
         self.epoch_n_images = epoch_n_images
-        self._teacher: Teacher | None = None
+        self._teacher_model: Teacher | None = None
 
     def _run(
         self,
@@ -116,9 +116,9 @@ class EvaluationCallback(Callback):
     def _evaluate(
         self, trainer: L.Trainer, pl_module: L.LightningModule, config: EvaluationConfig
     ) -> dict[str, Any]:
-        if self._teacher is None:  # built once per fit, kept for later epochs
-            self._teacher = _teacher(trainer, pl_module)
-        teacher = self._teacher.to(pl_module.device)
+        if self._teacher_model is None:  # built once per fit, kept for later epochs
+            self._teacher_model = _teacher(trainer, pl_module)
+        teacher = self._teacher_model.to(pl_module.device)
         dataset = build_dataset(trainer.datamodule.dataset_config, "val", teacher.preprocess)
         was_training = pl_module.training
         try:
