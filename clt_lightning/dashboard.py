@@ -21,7 +21,7 @@ two-digit layer numbers):
 W&B only: `<p>/chart/cascade_top1`, `<p>/chart/{r2,mse,cosine,l0}` (line charts against
 the start layer / layer), `<p>/table/{cascade,faithfulness,contributions}` (Tables),
 `<p>/figure/{cascade,contributions,reconstruction}` (images); at the end of fit
-`retrieval/grids` (images).
+`retrieval/grids/<aggregation>` (images, `RetrievalCallback`).
 """
 
 from __future__ import annotations
