@@ -48,7 +48,7 @@ QUICK = {"layers": 4, "width": 32, "image_size": 32, "patch_size": 8, "n_images"
 N_CLASSES = 10
 
 
-def _teacher(shape: dict, folder: Path) -> Teacher:
+def bench_teacher(shape: dict, folder: Path) -> Teacher:
     config = {
         "embed_dim": 32,
         "vision_cfg": {
@@ -71,7 +71,7 @@ def _teacher(shape: dict, folder: Path) -> Teacher:
     return Teacher(TeacherConfig(model_config=str(path)))
 
 
-def _clt(teacher: Teacher, k: int) -> CrossLayerTranscoder:
+def bench_clt(teacher: Teacher, k: int) -> CrossLayerTranscoder:
     n_layers, d_model = teacher.n_layers, teacher.d_model
     clt = CrossLayerTranscoder(n_layers, d_model, 16 * d_model, SparsifierConfig("relu_topk", k=k))
     with torch.no_grad():
@@ -103,7 +103,7 @@ def _counts(result, n_images: int) -> dict:
     return out
 
 
-def _best_of(fn: Callable[[], object], repeats: int) -> tuple[float, float, object]:
+def best_of(fn: Callable[[], object], repeats: int) -> tuple[float, float, object]:
     """(best CPU seconds, best wall seconds, last value) over `repeats` calls."""
     best_cpu, best_wall, value = float("inf"), float("inf"), None
     for _ in range(repeats):
@@ -129,7 +129,7 @@ def run(quick: bool = False) -> list[dict]:
     torch.set_num_threads(1)
     try:
         with tempfile.TemporaryDirectory() as folder:
-            teacher = _teacher(shape, Path(folder))
+            teacher = bench_teacher(shape, Path(folder))
         generator = torch.Generator().manual_seed(0)
         images = torch.randn(
             shape["n_images"], 3, shape["image_size"], shape["image_size"], generator=generator
@@ -139,7 +139,7 @@ def run(quick: bool = False) -> list[dict]:
             torch.randn(32, N_CLASSES, generator=generator), dim=0
         )
         scale = torch.tensor(4.6)
-        clt = _clt(teacher, shape["k"])
+        clt = bench_clt(teacher, shape["k"])
         args = (teacher, clt, [(images, labels)], classifier, scale)
         variants = {
             "naive": lambda: _naive(teacher, clt, images, labels, classifier, scale),
@@ -148,7 +148,7 @@ def run(quick: bool = False) -> list[dict]:
                 cascade(*args, incremental=True), len(labels)
             ),
         }
-        timed = {name: _best_of(fn, repeats) for name, fn in variants.items()}
+        timed = {name: best_of(fn, repeats) for name, fn in variants.items()}
     finally:
         torch.set_num_threads(threads)
     naive_seconds, _, naive_counts = timed["naive"]

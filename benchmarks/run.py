@@ -287,6 +287,22 @@ def _cascade_targets(results: dict[str, Rows]) -> list[Verdict]:
     ]
 
 
+def _suite_targets(results: dict[str, Rows]) -> list[Verdict]:
+    rows = {r.get("name"): r for r in results.get("suite", [])}
+    shared = rows.get("suite_shared_pass")
+    if shared is None or "ratio" not in shared:
+        return [Verdict("evaluation suite with one shared clean pass < 1x", "not measured", None)]
+    same = bool(shared.get("matches_four_passes"))
+    return [
+        Verdict(
+            "evaluation suite with one shared clean teacher pass < 1x the four-pass time, "
+            "same numbers",
+            _ratio(shared["ratio"]) + ("" if same else " (**numbers differ**)"),
+            shared["ratio"] < 1.0 and same,
+        )
+    ]
+
+
 def _data_ratio(row: dict, results: dict[str, Rows]) -> str:
     step = _rows_named(results, "train_step").get("train_step_relu_topk_sparse")
     if step is None or "tokens_per_s" not in row:
@@ -511,6 +527,28 @@ SPECS: dict[str, Spec] = {
         ],
         targets=_cascade_targets,
     ),
+    "suite": Spec(
+        title="Evaluation suite: one shared clean teacher pass vs one pass per metric",
+        short=(
+            "the whole evaluation suite (cascade, contributions, ablations, reconstruction), "
+            "one shared clean teacher pass against one per metric family."
+        ),
+        about=(
+            "Every number of `clt evaluate` on the same images (`benchmarks/bench_suite.py`): "
+            "four clean teacher passes (cascade, contributions, ablations, reconstruction "
+            "each running the teacher) against the suite's shared pass (cascade, "
+            "contributions and reconstruction from one run; ablations, which rank sources "
+            "by the finished scores, from a second). Ratio = seconds / four-pass seconds "
+            "(lower is better)."
+        ),
+        columns=[
+            ("variant", _get("name")),
+            ("s", _get("seconds")),
+            ("ratio vs four passes", _get("ratio", _ratio)),
+            ("same numbers", _get("matches_four_passes")),
+        ],
+        targets=_suite_targets,
+    ),
     "retrieval": Spec(
         title="Retrieval indexes: build/query throughput and recall",
         short=(
@@ -542,10 +580,12 @@ BENCHMARKS = (
     "cache",
     "data",
     "cascade",
+    "suite",
     "decode",
     "retrieval",
 )
-"""Every benchmark of the suite, in the order they run (and appear in the report)."""
+"""Every benchmark of the suite, in the order they run: those with targets first, so that
+they get the suite's time budget first."""
 
 
 def annotate(results: dict[str, Rows]) -> None:

@@ -15,123 +15,149 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 
+from clt_lightning import dashboard
 from clt_lightning.data.datasets import build_dataset
 from clt_lightning.errors import ConfigError
 from clt_lightning.evaluation.suite import EvaluationConfig, RunInfo, backbone_tag, run_suite
-from clt_lightning.evaluation.undefined import is_defined
 from clt_lightning.teacher import Teacher
 
 log = logging.getLogger(__name__)
 
 
-def _teacher_and_info(trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[Teacher, RunInfo]:
+def _datamodule(trainer: L.Trainer) -> Any:
     datamodule = trainer.datamodule
     if datamodule is None or not hasattr(datamodule, "teacher_config"):
         raise ConfigError("evaluation callbacks need an ActivationDataModule (data: section)")
-    teacher = Teacher(datamodule.teacher_config).to(pl_module.device)
+    return datamodule
+
+
+def _teacher(trainer: L.Trainer, pl_module: L.LightningModule) -> Teacher:
+    """The datamodule's frozen teacher, on the module's device."""
+    return Teacher(_datamodule(trainer).teacher_config).to(pl_module.device)
+
+
+def _run_info(trainer: L.Trainer) -> RunInfo:
+    """The run's identity for `run.json`."""
+    datamodule = _datamodule(trainer)
     config = datamodule.teacher_config
-    info = RunInfo(
+    return RunInfo(
         run_name=Path(trainer.default_root_dir).resolve().name,
         dataset=datamodule.dataset_config.name,
         backbone=backbone_tag(None if config.model_config else config.model_name),
     )
-    return teacher, info
-
-
-def scalar_summary(payloads: dict[str, Any]) -> dict[str, float]:
-    """The evaluation's headline numbers as flat `eval/...` metrics for the loggers."""
-    cascade = payloads["cascade"]
-    metrics = {"eval/baseline_top1": cascade["baseline"]["top1"]}
-    for mode, values in cascade["modes"].items():
-        for start, top1 in zip(values["starts"], values["top1"], strict=True):
-            metrics[f"eval/cascade_top1/{mode}/start_{start:02d}"] = top1
-    for row in payloads["ablations"]["rows"]:
-        for key in ("all_sources", "drop_top1", "keep_topk"):
-            if is_defined(row[key]):  # an undefined value is not logged as a number
-                metrics[f"eval/ablation/{row['mode']}/{key}"] = row[key]
-    return metrics
-
-
-def log_to_loggers(trainer: L.Trainer, payloads: dict[str, Any], folder: Path) -> None:
-    """Scalars to every logger; tables and figures to W&B when it is one of them."""
-    step = trainer.global_step
-    for logger in trainer.loggers:
-        logger.log_metrics(scalar_summary(payloads), step=step)
-        if isinstance(logger, WandbLogger):
-            rows = payloads["faithfulness"]["rows"]
-            if rows:
-                columns = list(rows[0])
-                logger.log_table(
-                    "eval/faithfulness",
-                    columns=columns,
-                    data=[[r[c] if is_defined(r[c]) else None for c in columns] for r in rows],
-                    step=step,
-                )
-            images = sorted(folder.glob("*.png"))
-            if images:
-                logger.log_image(
-                    "eval/figures",
-                    [str(p) for p in images],
-                    caption=[p.stem for p in images],
-                    step=step,
-                )
 
 
 class EvaluationCallback(Callback):
-    """Run the evaluation suite at fit end and/or every few validation epochs.
+    """Evaluate the CLT during `fit`: a fixed subset every few epochs, everything at the end.
+
+    Per evaluated epoch (the end of every `every_n_epochs`-th training epoch) the suite runs
+    on a fixed, seeded subset of `epoch_n_images` validation images (the same images every
+    epoch) into `<run>/evaluation/epoch_XX` and logs under `eval/...`; at the end of fit it
+    runs on `config.n_images` images (default: all) into `<run>/evaluation` (the folder
+    `clt evaluate` writes) and logs under `eval_full/...`. Keys: `clt_lightning.dashboard`
+    and docs/dashboards.md. Global RNG state is saved and restored around each evaluation,
+    so training draws the same random numbers with or without the callback.
 
     Args:
-        config: What to evaluate (images, windows, ...); `output_dir` defaults to
-            `<run folder>/evaluation` (per epoch: `evaluation/epoch_XX`).
-        every_n_epochs: Also evaluate after every n-th validation epoch (0 = never).
-        at_fit_end: Evaluate when fit ends.
+        config: The fit-end evaluation (images, windows, ...), as `clt evaluate` takes it;
+            `output_dir` defaults to `<run folder>/evaluation`.
+        every_n_epochs: Evaluate the subset after every n-th training epoch (0 = never).
+        at_fit_end: Run the full evaluation when fit ends.
+        epoch_n_images: Validation images of the per-epoch subset (seeded by `config.seed`).
     """
 
     def __init__(
         self,
-        config: EvaluationConfig = EvaluationConfig(n_images=1000),
-        every_n_epochs: int = 0,
+        config: EvaluationConfig = EvaluationConfig(),
+        every_n_epochs: int = 1,
         at_fit_end: bool = True,
+        epoch_n_images: int = 512,
     ) -> None:
         if every_n_epochs < 0:
             raise ConfigError(
                 f"EvaluationCallback.every_n_epochs must be >= 0, got {every_n_epochs}"
             )
+        if epoch_n_images < 1:
+            raise ConfigError(
+                f"EvaluationCallback.epoch_n_images must be >= 1, got {epoch_n_images}"
+            )
         self.config, self.every_n_epochs, self.at_fit_end = config, every_n_epochs, at_fit_end
+        self.epoch_n_images = epoch_n_images
+        self._teacher_model: Teacher | None = None
 
-    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, subdir: str) -> None:
+    def _run(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        config: EvaluationConfig,
+        prefix: str,
+    ) -> None:
         if trainer.sanity_checking or trainer.fast_dev_run:
             return
         if trainer.is_global_zero:
-            teacher, info = _teacher_and_info(trainer, pl_module)
-            dataset = build_dataset(trainer.datamodule.dataset_config, "val", teacher.preprocess)
-            folder = Path(self.config.output_dir or Path(trainer.default_root_dir) / subdir)
-            was_training = pl_module.training
-            payloads = run_suite(
+            with torch.random.fork_rng(devices=_cuda_devices(pl_module)):
+                payloads = self._evaluate(trainer, pl_module, config)
+            folder = Path(config.output_dir)
+            scalars = dashboard.scalar_metrics(payloads, prefix)
+            scalars[f"{prefix}/epoch"] = float(trainer.current_epoch)
+            scalars.update(
+                dashboard.dead_latent_metrics(pl_module.clt.sparsifier.dead_mask(), prefix)
+            )
+            panels = {}
+            if any(isinstance(lg, WandbLogger) for lg in trainer.loggers):
+                panels = dashboard.wandb_panels(payloads, folder, prefix)
+            dashboard.log_evaluation(trainer.loggers, scalars, panels, trainer.global_step)
+        trainer.strategy.barrier("clt_evaluation")
+
+    def _evaluate(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, config: EvaluationConfig
+    ) -> dict[str, Any]:
+        if self._teacher_model is None:  # built once per fit, kept for later epochs
+            self._teacher_model = _teacher(trainer, pl_module)
+        teacher = self._teacher_model.to(pl_module.device)
+        dataset = build_dataset(trainer.datamodule.dataset_config, "val", teacher.preprocess)
+        was_training = pl_module.training
+        try:
+            return run_suite(
                 teacher,
                 pl_module.clt,
                 dataset,
                 list(dataset.class_names),
-                info,
-                replace(self.config, output_dir=str(folder)),
-                folder,
+                _run_info(trainer),
+                config,
+                config.output_dir,
                 _probe_train_split(trainer, teacher),
             )
+        finally:
             pl_module.train(was_training)
-            log_to_loggers(trainer, payloads, folder)
-        trainer.strategy.barrier("clt_evaluation")
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _folder(self, trainer: L.Trainer, subdir: str) -> str:
+        return str(Path(trainer.default_root_dir) / subdir)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch
         if self.every_n_epochs and (epoch + 1) % self.every_n_epochs == 0:
-            self._run(trainer, pl_module, f"evaluation/epoch_{epoch:02d}")
+            config = replace(
+                self.config,
+                n_images=self.epoch_n_images,
+                output_dir=self._folder(trainer, f"evaluation/epoch_{epoch:02d}"),
+            )
+            self._run(trainer, pl_module, config, "eval")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.at_fit_end:
-            self._run(trainer, pl_module, "evaluation")
+            output_dir = self.config.output_dir or self._folder(trainer, "evaluation")
+            self._run(trainer, pl_module, replace(self.config, output_dir=output_dir), "eval_full")
+
+
+def _cuda_devices(pl_module: L.LightningModule) -> list[int]:
+    """The CUDA device whose RNG `fork_rng` must save (none on CPU)."""
+    device = pl_module.device
+    return [device.index or 0] if device.type == "cuda" else []
 
 
 class RetrievalCallback(Callback):
@@ -140,7 +166,7 @@ class RetrievalCallback(Callback):
     Args:
         query_indices: Validation images whose grids are written and logged.
         k: Neighbours per layer.
-        aggregation: "cls", "patches" or "all".
+        aggregation: "cls", "patches" or "all" (W&B key `retrieval/grids/<aggregation>`).
         max_corpus_images: Index at most this many training images (None = all).
     """
 
@@ -154,6 +180,11 @@ class RetrievalCallback(Callback):
         self.query_indices, self.k = list(query_indices), k
         self.aggregation, self.max_corpus_images = aggregation, max_corpus_images
 
+    @property
+    def state_key(self) -> str:
+        """One per aggregation, so a config may hold a [CLS] and a patch retrieval."""
+        return f"{type(self).__qualname__}[aggregation={self.aggregation}]"
+
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.fast_dev_run:
             return
@@ -164,7 +195,7 @@ class RetrievalCallback(Callback):
     def _build_and_log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from clt_lightning.evaluation.retrieval import build_and_query
 
-        teacher, _ = _teacher_and_info(trainer, pl_module)
+        teacher = _teacher(trainer, pl_module)
         config = trainer.datamodule.dataset_config
         corpus_config = replace(config, max_images=self.max_corpus_images or config.max_images)
         corpus = build_dataset(corpus_config, "train", teacher.preprocess)
@@ -188,7 +219,9 @@ class RetrievalCallback(Callback):
             grids.append(str(result.grid_path))
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image("eval/retrieval", grids, step=trainer.global_step)
+                captions = [f"query {i}" for i in self.query_indices]
+                key = f"retrieval/grids/{self.aggregation}"
+                logger.log_image(key, grids, step=trainer.global_step, caption=captions)
 
 
 def _probe_train_split(trainer: L.Trainer, teacher: Any) -> Any:

@@ -4,11 +4,14 @@ Steps (each resumable; a rerun skips what is finished):
 1. the teacher: a tiny CLIP trained by the project on scikit-learn's handwritten digits
    (`clt_lightning.offline_teacher`; trained once, then reused from `.cache/teachers`);
 2. `clt cache`: the train and val activation caches of that teacher;
-3. `clt fit` + `clt evaluate` for each of the paper's sparsifiers (JumpReLU, ReLU-TopK,
-   Abs-TopK) with `configs/quickstart.yaml`;
-4. `clt retrieve`: layer-wise retrieval grids ([CLS] and patch codes) for two digits;
-5. the report: `reports/quickstart/report.md`, with the tables the paper shows (cascaded
-   replacement, faithfulness, ablations, reconstruction) and every figure.
+3. `clt fit` for each of the paper's sparsifiers (JumpReLU, ReLU-TopK, Abs-TopK) with
+   `configs/quickstart.yaml`, whose callbacks evaluate the CLT after every epoch (a subset
+   of the val digits) and at the end of fit (all of them, what `clt evaluate` computes),
+   and build the layer-wise retrieval grids ([CLS] and patch codes) for two digits: the
+   same path as a paper run;
+4. the report: `reports/quickstart/report.md`, built from what those callbacks wrote: the
+   tables the paper shows (cascaded replacement, faithfulness, ablations, reconstruction),
+   every figure, and how the numbers moved during training.
 
 Usage: `python -m experiments.quickstart [--runs runs/quickstart] [--out reports/quickstart]
 [--max-epochs N] [--sparsifiers relu_topk,...] [--n-images N]`.
@@ -24,6 +27,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import yaml
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -37,7 +42,6 @@ log = logging.getLogger("quickstart")
 
 CONFIG = "configs/quickstart.yaml"
 SPARSIFIERS = ("jumprelu", "relu_topk", "abs_topk")
-QUERY_INDICES = (3, 11)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -80,65 +84,44 @@ def common_overrides(opts: argparse.Namespace, teacher_dir: Path) -> list[str]:
     return args
 
 
+def callbacks_override(config: str, n_images: int | None) -> list[str]:
+    """`--trainer.callbacks` with the config's callbacks, the fit-end evaluation limited to
+    `n_images` (none when None: the config's own callbacks run unchanged)."""
+    if n_images is None:
+        return []
+    callbacks = yaml.safe_load(Path(config).read_text())["trainer"]["callbacks"]
+    for callback in callbacks:
+        if callback["class_path"].endswith("EvaluationCallback"):
+            init = callback.setdefault("init_args", {})
+            init.setdefault("config", {})["n_images"] = n_images
+            init["epoch_n_images"] = min(n_images, init.get("epoch_n_images", n_images))
+    return ["--trainer.callbacks", json.dumps(callbacks)]
+
+
 def run_one(sparsifier: str, opts: argparse.Namespace, common: list[str]) -> None:
-    """Fit (or resume) and evaluate one sparsifier's CLT, unless already done."""
+    """Fit (or resume) one sparsifier's CLT; its callbacks evaluate it and build retrieval."""
     root = Path(opts.runs) / sparsifier
     last = root / "checkpoints" / "last.ckpt"
-    base = ["--config", opts.config, *common]
-    if (root / "evaluation" / "run.json").is_file() and last.is_file():
+    if (root / "FIT_DONE").is_file() and (root / "evaluation" / "run.json").is_file():
         log.info("%s: finished earlier, skipping (delete %s to redo)", sparsifier, root)
         return
-    if not (root / "FIT_DONE").is_file():
-        fit = [
-            "fit",
-            *base,
-            "--model.sparsifier.name",
-            sparsifier,
-            "--trainer.default_root_dir",
-            str(root),
-        ]
-        if opts.max_epochs is not None:
-            fit += ["--trainer.max_epochs", str(opts.max_epochs)]
-        if last.is_file():
-            fit += ["--ckpt_path", str(last)]
-        clt(fit)
-        (root / "FIT_DONE").touch()
-    # keep-top-k with k = 4 of 4 layers would keep everything: k = 2 keeps half the sources
-    evaluate = [
-        "evaluate",
-        *base,
-        "--ckpt_path",
-        str(last),
-        "--evaluation.output_dir",
-        str(root / "evaluation"),
-        "--evaluation.ablation_k",
-        "2",
+    fit = [
+        "fit",
+        "--config",
+        opts.config,
+        *common,
+        "--model.sparsifier.name",
+        sparsifier,
+        "--trainer.default_root_dir",
+        str(root),
+        *callbacks_override(opts.config, opts.n_images),
     ]
-    if opts.n_images is not None:
-        evaluate += ["--evaluation.n_images", str(opts.n_images)]
-    clt(evaluate)
-
-
-def run_retrieval(opts: argparse.Namespace, common: list[str], sparsifier: str) -> None:
-    root = Path(opts.runs) / sparsifier
-    for aggregation in ("cls", "patches"):
-        for query in QUERY_INDICES:
-            clt(
-                [
-                    "retrieve",
-                    "--config",
-                    opts.config,
-                    *common,
-                    "--ckpt_path",
-                    str(root / "checkpoints" / "last.ckpt"),
-                    "--retrieval.aggregation",
-                    aggregation,
-                    "--retrieval.query_index",
-                    str(query),
-                    "--retrieval.output_dir",
-                    str(root / "retrieval"),
-                ]
-            )
+    if opts.max_epochs is not None:
+        fit += ["--trainer.max_epochs", str(opts.max_epochs)]
+    if last.is_file():  # resumes; a finished fit only reruns the fit-end callbacks
+        fit += ["--ckpt_path", str(last)]
+    clt(fit)
+    (root / "FIT_DONE").touch()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -166,9 +149,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         step = time.perf_counter()
         run_one(sparsifier, opts, common)
         timings[sparsifier] = time.perf_counter() - step
-    step = time.perf_counter()
-    run_retrieval(opts, common, "relu_topk" if "relu_topk" in sparsifiers else sparsifiers[0])
-    timings["retrieval"] = time.perf_counter() - step
     timings["total"] = time.perf_counter() - start
     report = write_report(
         Path(opts.runs), Path(opts.out), teacher_record(opts.teacher_dir), timings

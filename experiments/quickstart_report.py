@@ -1,8 +1,11 @@
 """The quickstart's run report: one Markdown page with the paper's tables and figures.
 
-Reads the run folders `clt evaluate` and `clt retrieve` wrote (via `experiments.results`)
-and writes `report.md` plus the figures it embeds into the report folder. Numbers are
-shown as the paper shows them: accuracies in %, a baseline row, windows "s→L-1".
+Reads what `clt fit` wrote into each run folder through its callbacks: the fit-end
+evaluation (`evaluation/`, the same files `clt evaluate` writes; read via
+`experiments.results`), the retrieval grids (`retrieval/`) and the per-epoch evaluation
+logged to `metrics.csv` (`eval/...` keys). Writes `report.md` plus the figures it embeds
+into the report folder. Numbers are shown as the paper shows them: accuracies in %, a
+baseline row, windows "s→L-1".
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 
 from clt_lightning import plots
 from clt_lightning.files import atomic_write_text
+from experiments.logged_figures import eval_history, training_curves
 from experiments.results import RunResult, load_runs
 
 NAMES = {
@@ -166,6 +170,33 @@ def reconstruction_figure(runs: list[RunResult], out: Path) -> str:
     return str(path.relative_to(out))
 
 
+def training_section(runs: list[RunResult], out: Path) -> str:
+    """How the per-epoch evaluation moved during training (from each run's metrics.csv)."""
+    histories = {NAMES.get(r.sparsifier, r.sparsifier): eval_history(r.path) for r in runs}
+    if not any(histories.values()):
+        return "No per-epoch evaluation was logged (the evaluation callback was off)."
+    path = out / "figures" / "training_curves.png"
+    training_curves(histories, path)
+    header = ["sparsifier", "epoch", "images", "baseline", "[CLS] 0→L-1", "patches 0→L-1",
+              "all 0→L-1", "mean R²", "dead fraction"]  # fmt: skip
+    keys = ["eval/n_images", "eval/baseline_top1", "eval/cascade_top1/cls/start_00",
+            "eval/cascade_top1/patches/start_00", "eval/cascade_top1/all/start_00",
+            "eval/reconstruction/r2/all/mean", "eval/dead_fraction/mean"]  # fmt: skip
+    rows = [
+        [name, int(r["eval/epoch"]) + 1, *(r.get(k) for k in keys)]
+        for name, history in histories.items()
+        for r in history
+    ]
+    for row in rows:
+        row[2] = int(row[2]) if row[2] is not None else None
+    text = (
+        "The evaluation callback ran the whole suite after every epoch on the same seeded "
+        "subset of val digits and logged it (`eval/...` in `metrics.csv` and W&B; "
+        "docs/dashboards.md). Top-1 (%) with layers 0→L-1 replaced:"
+    )
+    return f"{text}\n\n![training curves]({path.relative_to(out)})\n\n" + md_table(header, rows, 3)
+
+
 def write_report(
     runs_dir: Path, out: Path, teacher: dict[str, Any], timings: dict[str, float]
 ) -> Path:
@@ -184,7 +215,10 @@ def write_report(
         "# clt-lightning quickstart report",
         "Everything below ran offline on this machine's CPU: a tiny CLIP trained by the project on "
         "scikit-learn's 1,797 real handwritten digits, its activation cache, one Cross-Layer "
-        "Transcoder per sparsifier of the paper, the evaluation suite and layer-wise retrieval.",
+        "Transcoder per sparsifier of the paper, the evaluation suite and layer-wise retrieval. "
+        "Every number and figure was written by `clt fit`'s callbacks (`configs/quickstart.yaml`): "
+        "the evaluation after each epoch and at the end of fit (on all val digits, what `clt "
+        "evaluate` computes) and the retrieval index at the end of fit.",
         "## Teacher\n\n"
         + md_table(
             ["model", "zero-shot top-1 on held-out digits", "chance", "train images", "val images"],
@@ -204,6 +238,7 @@ def write_report(
         + image(recon, "reconstruction curves")
         + "\n\n"
         + reconstruction_section(runs),
+        "## During training (evaluation callback, every epoch)\n\n" + training_section(runs, out),
         "## Cascaded replacement (paper: Tables 6-23)\n\n"
         "Layers s→L-1 have their MLP output replaced by the CLT's for the given tokens; "
         "inputs are read from the modified run (DESIGN: Replacement).\n\n"

@@ -19,8 +19,9 @@ For every (dataset, backbone), in the paper's order:
    --trainer.devices N --data.dataset.root DATA/<dataset>` (+ `--ckpt_path
    RUNS/<run>/checkpoints/last.ckpt` when that file exists: the run resumes), then
    `clt evaluate --config C --ckpt_path RUNS/<run>/checkpoints/last.ckpt
-   --evaluation.output_dir RUNS/<run>/evaluation --data.dataset.root DATA/<dataset>`, then
-   the marker `RUNS/<run>/FINISHED`.
+   --evaluation.output_dir RUNS/<run>/evaluation --data.dataset.root DATA/<dataset>`
+   unless the configs' fit-end evaluation callback already wrote `evaluation/` during this
+   fit (the same numbers), then the marker `RUNS/<run>/FINISHED`.
 
 A run with `FINISHED`, or with `evaluation/cascade.json` and `evaluation/run.json` (which
 `clt evaluate` writes last), is skipped. A failing step is reported and
@@ -317,11 +318,24 @@ def run_cache(run: PlannedRun, settings: Settings, console: Console) -> int:
         return stream_command(run.cache, sweep_dir / f"{stem}.log")
 
 
+def evaluated_by_fit(run_dir: Path, fit_started: float) -> bool:
+    """Whether `clt fit`'s evaluation callback wrote a complete `evaluation/` (run.json,
+    written last) during this fit: then `clt evaluate` would recompute the same numbers."""
+    run_json = run_dir / "evaluation" / "run.json"
+    return run_json.is_file() and run_json.stat().st_mtime >= fit_started
+
+
 def execute_run(run: PlannedRun, settings: Settings, console: Console) -> Outcome:
     """fit, evaluate and the FINISHED marker for one planned run (its cache already done)."""
     name, started = run.spec.name, time.monotonic()
     logs = settings.runs / name / "logs"
+    fit_started = time.time()
     for step, argv in (("fit", run.fit), ("evaluate", run.evaluate)):
+        if step == "evaluate" and evaluated_by_fit(settings.runs / name, fit_started):
+            console.print(
+                f"{name}: the fit-end evaluation callback wrote evaluation/: no `evaluate`"
+            )
+            continue
         console.rule(f"{step} {name}")
         code = stream_command(argv, logs / f"{step}.log")
         if code != 0:

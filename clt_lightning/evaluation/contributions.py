@@ -102,15 +102,30 @@ def token_projection_scores(clt: Any, x: Tensor, chunk_size: int = 256) -> Tenso
     for part in x.split(chunk_size):
         part = part.to(dtype)
         z = torch.stack([clt.encode_layer(i, part[:, i]) for i in range(n_layers)], dim=1)
-        terms = clt.contributions(z).double()  # [b, L_src, L_tgt, d]
-        y_hat = clt.decode(z).double()  # [b, L_tgt, d]
-        bias = y_hat - terms.sum(dim=1)
-        norm2 = y_hat.pow(2).sum(dim=-1)  # [b, L_tgt]
-        rows = torch.cat([terms, bias[:, None]], dim=1)  # [b, L + 1, L, d]
-        proj = torch.einsum("bstd,btd->bst", rows, y_hat) / norm2[:, None, :]
-        proj[(norm2 <= 0)[:, None, :].expand_as(proj)] = float("nan")
-        out.append(proj)
+        out.append(projection_scores(clt, z, clt.decode(z)))
     return torch.cat(out) if out else x.new_zeros(0, n_layers + 1, n_layers, dtype=torch.float64)
+
+
+@torch.no_grad()
+def projection_scores(clt: Any, z: Tensor, y_hat: Tensor) -> Tensor:
+    """p_t[s, l] (bias as row L) from known codes and their reconstruction.
+
+    Args:
+        clt: CLT with `contributions`.
+        z: Codes [B, L, F] of teacher-forced inputs.
+        y_hat: Their raw reconstruction [B, L, d] (`clt.decode(z)`).
+
+    Returns:
+        [B, L + 1, L] float64; NaN where ||y_hat_t[l]||^2 = 0; zero where s > l.
+    """
+    terms = clt.contributions(z).double()  # [b, L_src, L_tgt, d]
+    y_hat = y_hat.double()
+    bias = y_hat - terms.sum(dim=1)
+    norm2 = y_hat.pow(2).sum(dim=-1)  # [b, L_tgt]
+    rows = torch.cat([terms, bias[:, None]], dim=1)  # [b, L + 1, L, d]
+    proj = torch.einsum("bstd,btd->bst", rows, y_hat) / norm2[:, None, :]
+    proj[(norm2 <= 0)[:, None, :].expand_as(proj)] = float("nan")
+    return proj
 
 
 @dataclass
@@ -166,7 +181,19 @@ class ContributionAccumulator:
         """
         if x.shape[0] == 0:
             return
-        proj = token_projection_scores(clt, x, self.chunk_size).cpu()  # [B, L + 1, L]
+        self.add_scores(token_projection_scores(clt, x, self.chunk_size), token, image)
+
+    def add_scores(self, proj: Tensor, token: Tensor, image: Tensor) -> None:
+        """Add per-token projection scores.
+
+        Args:
+            proj: [B, L + 1, L] from `token_projection_scores` / `projection_scores`.
+            token: int64 [B] position in the image (0 = [CLS]).
+            image: int64 [B] image index in its split.
+        """
+        if proj.shape[0] == 0:
+            return
+        proj = proj.cpu()
         valid = ~torch.isnan(proj[:, 0])  # [B, L]: the target is defined for this token
         self._n_undefined += int((~valid).sum())
         proj = torch.nan_to_num(proj, nan=0.0)
@@ -186,9 +213,34 @@ class ContributionAccumulator:
             x: Raw MLP inputs [N, T, L, d].
         """
         n_images, n_tokens = x.shape[:2]
+        token, image = self._image_ids(n_images, n_tokens)
+        self.update(clt, x.reshape(n_images * n_tokens, *x.shape[2:]), token, image)
+
+    def update_image_codes(self, clt: Any, codes: list[Tensor], y_hat: list[Tensor]) -> None:
+        """Add whole images from their already computed codes; ids continue from the last.
+
+        The same numbers as `update_images` on the inputs the codes were encoded from,
+        without encoding and decoding again (`evaluation.clean_pass` has them).
+
+        Args:
+            clt: The CLT.
+            codes: L codes of every token, each [N, T, F].
+            y_hat: L raw reconstructions of every token, each [N, T, d].
+        """
+        n_images, n_tokens = codes[0].shape[:2]
+        token, image = self._image_ids(n_images, n_tokens)
+        flat_z = [z.reshape(n_images * n_tokens, -1) for z in codes]
+        flat_y = [y.reshape(n_images * n_tokens, -1) for y in y_hat]
+        for start in range(0, n_images * n_tokens, self.chunk_size):
+            part = slice(start, start + self.chunk_size)
+            z = torch.stack([c[part] for c in flat_z], dim=1)  # [b, L, F]
+            proj = projection_scores(clt, z, torch.stack([y[part] for y in flat_y], dim=1))
+            self.add_scores(proj, token[part], image[part])
+
+    def _image_ids(self, n_images: int, n_tokens: int) -> tuple[Tensor, Tensor]:
         token = torch.arange(n_tokens).repeat(n_images)
         image = torch.arange(n_images).repeat_interleave(n_tokens) + self._next_image
-        self.update(clt, x.reshape(n_images * n_tokens, *x.shape[2:]), token, image)
+        return token, image
 
     def compute(self) -> ContributionScores:
         """Mean over images of the per-image token means.

@@ -471,4 +471,32 @@ TABLE5_WINDOWS: tuple[tuple[int, str], ...] = (
     (7, "patches"),
     (10, "patches"),
 )
-"""The windows of the paper's Table 5 (for a 12-layer ViT)."""
+"""The windows of the paper's Table 5 (for a 12-layer ViT); `table5_windows` maps them to
+other depths."""
+
+TABLE5_DEPTH = 12
+"""Depth of the ViTs `TABLE5_WINDOWS` is written for (ViT-B/32 and ViT-B/16)."""
+
+
+def table5_windows(n_layers: int, modes: Iterable[str] | None = None) -> list[tuple[int, str]]:
+    """The paper's Table 5 rows for an `n_layers`-deep ViT, by offset from the last layer.
+
+    A window s -> 11 of the 12-layer table becomes s' -> L-1 with L-1-s' = 11-s (7-11 is
+    L-5 -> L-1, 10-11 is L-2 -> L-1, 11 is L-1 alone); the full window 0-11 stays 0 -> L-1.
+    Starts below 0 are clipped to 0 and repeated windows dropped, so a 4-layer ViT gets
+    0-3, 2-3 and 3 for [CLS] and 0-3, 2-3 for patches.
+
+    Args:
+        n_layers: L, the teacher's depth (>= 1).
+        modes: Keep only these token modes (default: the table's, "cls" and "patches").
+
+    Returns:
+        (start, mode) windows in the table's order.
+    """
+    keep = None if modes is None else set(modes)
+    windows: list[tuple[int, str]] = []
+    for start, mode in TABLE5_WINDOWS:
+        mapped = 0 if start == 0 else max(0, n_layers - (TABLE5_DEPTH - start))
+        if (keep is None or mode in keep) and (mapped, mode) not in windows:
+            windows.append((mapped, mode))
+    return windows

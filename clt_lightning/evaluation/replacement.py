@@ -228,17 +228,26 @@ class CleanPrefix:
         codes: L clean codes of the union tokens, [N, T_U, F].
         y_hat: L teacher-forced reconstructions of the union tokens, [N, T_U, d].
         positions: int64 [T_U] token positions of the union.
+        x: L MLP inputs of every token [N, T, d] (`record_all=True`), else None.
+        y: L MLP outputs of every token [N, T, d] (`record_all=True`), else None.
     """
 
     h: list[Tensor]
     codes: list[Tensor]
     y_hat: list[Tensor]
     positions: Tensor
+    x: list[Tensor] | None = None
+    y: list[Tensor] | None = None
 
 
 @torch.no_grad()
 def clean_prefix(
-    teacher: Any, clt: Any, images: Tensor, positions: Tensor, n_code_layers: int | None = None
+    teacher: Any,
+    clt: Any,
+    images: Tensor,
+    positions: Tensor,
+    n_code_layers: int | None = None,
+    record_all: bool = False,
 ) -> CleanPrefix:
     """Run the clean teacher once, keeping what every replacement start needs.
 
@@ -248,6 +257,8 @@ def clean_prefix(
         images: [N, 3, H, W] preprocessed images.
         positions: int64 [T_U] token positions to encode (the union of the modes').
         n_code_layers: Encode and decode only layers below this (default: all L).
+        record_all: Also keep every layer's MLP input and output for every token (what
+            `Teacher.capture` returns), so other metrics need no second teacher run.
 
     Returns:
         The `CleanPrefix` (`codes` and `y_hat` hold `n_code_layers` entries).
@@ -256,14 +267,20 @@ def clean_prefix(
     n_code_layers = teacher.n_layers if n_code_layers is None else n_code_layers
     h = teacher.embed(images)
     hs, codes, y_hats = [h], [], []
+    xs: list[Tensor] | None = [] if record_all else None
+    ys: list[Tensor] | None = [] if record_all else None
     for layer in range(teacher.n_layers):
-        out = teacher.run_blocks(h, layer, layer + 1, record=layer < n_code_layers)
+        record = record_all or layer < n_code_layers
+        out = teacher.run_blocks(h, layer, layer + 1, record=record)
         if layer < n_code_layers and positions.numel():
             codes.append(clt.encode_layer(layer, out.x[0][:, index].to(dtype)))
             y_hats.append(clt.decode_target(layer, codes))
+        if record_all:
+            xs.append(out.x[0])
+            ys.append(out.y[0])
         h = out.h
         hs.append(h)
-    return CleanPrefix(hs, codes, y_hats, positions)
+    return CleanPrefix(hs, codes, y_hats, positions, xs, ys)
 
 
 def relative_index(union: Tensor, positions: Tensor) -> slice | Tensor:
@@ -482,54 +499,110 @@ def _validate_cascade(
     return starts
 
 
-@dataclass
-class _Tally:
-    """Running counts and kept embeddings of one cascade call."""
+class CascadeAccumulator:
+    """Streaming top-1/top-5 counts of a cascade, fed one clean prefix per image batch.
 
-    counts: dict[tuple[int, str], Tensor] = field(default_factory=dict)
-    baseline: Tensor = field(default_factory=lambda: torch.zeros(2, dtype=torch.long))
-    kept: dict[tuple[int, str], list[Tensor]] = field(default_factory=dict)
-    kept_baseline: list[Tensor] = field(default_factory=list)
-    labels: list[Tensor] = field(default_factory=list)
-    n_images: int = 0
+    `cascade` is this accumulator over a loader; the evaluation suite feeds it from its one
+    clean teacher pass (`evaluation.clean_pass`), whose prefixes must encode `union`.
 
+    Args:
+        teacher: Teacher (embed, run_blocks, head, n_layers, d_model, tokens_per_image).
+        clt: CLT (encode_layer, decode_target, n_layers, d_model).
+        classifier: [E, C] zero-shot classifier.
+        logit_scale: The model's log temperature.
+        starts: Start layers (default 0..L-1); L means no replacement.
+        modes: Token modes among "cls", "patches", "all".
+        keep: (start, mode) windows whose final embeddings to keep (for faithfulness).
+        incremental: Decode only changed codes (None: when the CLT's decoder is affine).
 
-@dataclass(frozen=True)
-class _Plan:
-    """What one cascade call evaluates."""
+    Raises:
+        CheckpointMismatchError: The CLT does not fit the teacher.
+        ConfigError: Bad starts or modes.
+    """
 
-    classifier: Tensor
-    logit_scale: Tensor
-    starts: list[int]
-    modes: list[str]
-    keep: frozenset[tuple[int, str]]
-    incremental: bool | None
+    def __init__(
+        self,
+        teacher: Any,
+        clt: Any,
+        classifier: Tensor,
+        logit_scale: Tensor | float,
+        starts: Sequence[int] | None = None,
+        modes: Sequence[str] = TOKEN_MODES,
+        keep: Iterable[tuple[int, str]] = (),
+        incremental: bool | None = None,
+    ) -> None:
+        self.teacher, self.clt = teacher, clt
+        self.starts = _validate_cascade(teacher, clt, starts, modes)
+        self.modes = list(modes)
+        self.keep = frozenset((int(s), str(m)) for s, m in keep)
+        self.head = (classifier, torch.as_tensor(logit_scale).float())
+        self.incremental = incremental
+        layout = layout_of(teacher)
+        self.positions = {m: token_positions(m, layout) for m in self.modes}
+        self.union = torch.unique(torch.cat(list(self.positions.values())))
+        """int64 [T_U]: the token positions a prefix must encode (`clean_prefix`)."""
+        self.counts: dict[tuple[int, str], Tensor] = {}
+        self.baseline = torch.zeros(2, dtype=torch.long)
+        self.kept: dict[tuple[int, str], list[Tensor]] = {}
+        self.kept_baseline: list[Tensor] = []
+        self.labels: list[Tensor] = []
+        self.n_images = 0
 
+    def update(self, prefix: CleanPrefix, labels: Tensor) -> None:
+        """Count one image batch.
 
-def _cascade_batch(
-    teacher: Any, clt: Any, images: Tensor, labels: Tensor, plan: _Plan, tally: _Tally
-) -> None:
-    layout = layout_of(teacher)
-    mode_positions = {m: token_positions(m, layout) for m in plan.modes}
-    union = torch.unique(torch.cat(list(mode_positions.values())))
-    prefix = clean_prefix(teacher, clt, images, union)
-    head = (plan.classifier, plan.logit_scale)
-    baseline = teacher.head(prefix.h[-1]).float()
-    tally.baseline += correct_counts(zero_shot_logits(baseline, *head), labels)
-    for mode in plan.modes:
-        for start in plan.starts:
-            emb = replaced_from_prefix(
-                teacher, clt, prefix, start, mode_positions[mode], plan.incremental
+        Args:
+            prefix: The batch's clean prefix, made with `positions=self.union`.
+            labels: [N] int64 class labels (CPU).
+        """
+        baseline = self.teacher.head(prefix.h[-1]).float()
+        self.baseline += correct_counts(zero_shot_logits(baseline, *self.head), labels)
+        for mode in self.modes:
+            for start in self.starts:
+                emb = replaced_from_prefix(
+                    self.teacher, self.clt, prefix, start, self.positions[mode], self.incremental
+                )
+                key = (start, mode)
+                counts = correct_counts(zero_shot_logits(emb, *self.head), labels)
+                self.counts[key] = self.counts.get(key, 0) + counts
+                if key in self.keep:
+                    self.kept.setdefault(key, []).append(emb.cpu())
+        if self.keep:
+            self.kept_baseline.append(baseline.cpu())
+            self.labels.append(labels)
+        self.n_images += labels.shape[0]
+
+    def compute(self) -> CascadeResult:
+        """The `CascadeResult` (accuracies in %).
+
+        Raises:
+            ConfigError: No image was counted.
+        """
+        if self.n_images == 0:
+            raise ConfigError(
+                "the evaluation set is empty (0 images): cascaded replacement needs at least "
+                "one labelled image; check the dataset root, split and max_images"
             )
-            counts = correct_counts(zero_shot_logits(emb, *head), labels)
-            key = (start, mode)
-            tally.counts[key] = tally.counts.get(key, 0) + counts
-            if key in plan.keep:
-                tally.kept.setdefault(key, []).append(emb.cpu())
-    if plan.keep:
-        tally.kept_baseline.append(baseline.cpu())
-        tally.labels.append(labels)
-    tally.n_images += labels.shape[0]
+
+        def pct(counts: Tensor) -> list[float]:
+            """Correct counts -> accuracies in %."""
+            return [100.0 * int(c) / self.n_images for c in counts]
+
+        accuracy = {}
+        for mode in self.modes:
+            rows = torch.stack([self.counts[(s, mode)] for s in self.starts])  # [S, 2]
+            accuracy[mode] = {"top1": pct(rows[:, 0]), "top5": pct(rows[:, 1])}
+        top1, top5 = pct(self.baseline)
+        n_layers = self.teacher.n_layers
+        result = CascadeResult(
+            n_layers, self.starts, self.modes, self.n_images, {"top1": top1, "top5": top5}, accuracy
+        )
+        result.embeddings = {k: torch.cat(v) for k, v in self.kept.items()}
+        if self.kept_baseline:
+            result.baseline_embeddings = torch.cat(self.kept_baseline)
+            result.labels = torch.cat(self.labels)
+        logger.info("cascade on %d images: baseline top-1 %.2f%%", self.n_images, top1)
+        return result
 
 
 def cascade(
@@ -566,42 +639,14 @@ def cascade(
         CheckpointMismatchError: The CLT does not fit the teacher.
         ConfigError: Bad starts/modes, or no images at all.
     """
-    starts = _validate_cascade(teacher, clt, starts, modes)
-    keep_set = frozenset((int(s), str(m)) for s, m in keep)
-    scale = torch.as_tensor(logit_scale).float()
-    plan = _Plan(classifier, scale, starts, list(modes), keep_set, incremental)
-    tally = _Tally()
+    acc = CascadeAccumulator(
+        teacher, clt, classifier, logit_scale, starts, modes, keep, incremental
+    )
     for batch in tqdm(images_batches, desc="cascade", unit="batch", disable=not progress):
         images, labels = split_batch(batch)
         if labels.shape[0]:
-            _cascade_batch(teacher, clt, images, labels.cpu(), plan, tally)
-    if tally.n_images == 0:
-        raise ConfigError(
-            "the evaluation set is empty (0 images): cascaded replacement needs at least one "
-            "labelled image; check the dataset root, split and max_images"
-        )
-    return _finish(teacher.n_layers, starts, modes, tally)
-
-
-def _finish(n_layers: int, starts: list[int], modes: Sequence[str], tally: _Tally) -> CascadeResult:
-    def pct(counts: Tensor) -> list[float]:
-        """Correct counts -> accuracies in %."""
-        return [100.0 * int(c) / tally.n_images for c in counts]
-
-    accuracy = {}
-    for mode in modes:
-        rows = torch.stack([tally.counts[(s, mode)] for s in starts])  # [S, 2]
-        accuracy[mode] = {"top1": pct(rows[:, 0]), "top5": pct(rows[:, 1])}
-    top1, top5 = pct(tally.baseline)
-    result = CascadeResult(
-        n_layers, starts, list(modes), tally.n_images, {"top1": top1, "top5": top5}, accuracy
-    )
-    result.embeddings = {k: torch.cat(v) for k, v in tally.kept.items()}
-    if tally.kept_baseline:
-        result.baseline_embeddings = torch.cat(tally.kept_baseline)
-        result.labels = torch.cat(tally.labels)
-    logger.info("cascade on %d images: baseline top-1 %.2f%%", tally.n_images, top1)
-    return result
+            acc.update(clean_prefix(teacher, clt, images, acc.union), labels.cpu())
+    return acc.compute()
 
 
 # ---------------------------------------------------------------------- oracle
@@ -705,6 +750,7 @@ def write_cascade_tables(result: CascadeResult, folder: str | Path) -> dict[str,
 
 __all__ = [
     "TOKEN_MODES",
+    "CascadeAccumulator",
     "CascadeResult",
     "CleanPrefix",
     "OracleCLT",

@@ -32,12 +32,18 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from clt_lightning.errors import ConfigError
-from clt_lightning.evaluation import ablations, contributions, faithfulness, replacement, zeroshot
+from clt_lightning.evaluation import (
+    ablations,
+    clean_pass,
+    contributions,
+    faithfulness,
+    replacement,
+    zeroshot,
+)
 from clt_lightning.evaluation._io import write_csv, write_markdown
 from clt_lightning.evaluation.linear_probe import build_probe
-from clt_lightning.evaluation.undefined import Undefined, nan_to_undefined, write_json
+from clt_lightning.evaluation.undefined import nan_to_undefined, write_json
 from clt_lightning.files import check_replaceable, commit_folder
-from clt_lightning.metrics import ReconstructionMetrics
 from clt_lightning.tokens import TOKEN_GROUPS, layout_of
 
 log = logging.getLogger(__name__)
@@ -58,8 +64,10 @@ class EvaluationConfig:
         starts: Start layers s of the cascade s -> L-1 (None = every layer).
         modes: Token modes replaced: token groups the teacher has ("cls", "registers",
             "patches", "all"); default: every group it has (SigLIP has no "cls").
-        faithfulness_starts: Windows s -> L-1 for the faithfulness table (None = the
-            paper's 0, L-5, L-2, L-1, i.e. 0-11, 7-11, 10-11, 11 for 12 layers).
+        faithfulness_starts: Windows s -> L-1 for the faithfulness table, each in every
+            mode (None = the paper's Table 5 rows: 0-11, 7-11, 10-11, 11 for [CLS] and
+            0-11, 7-11, 10-11 for patches, mapped to other depths by offset from the last
+            layer).
         ablation_k: Sources kept by the sufficiency ablation (paper: 4).
         classifier_cache: Folder caching zero-shot classifiers per (teacher, dataset).
         figures: Write PNG figures.
@@ -120,39 +128,16 @@ CONTRIBUTION_UNDEFINED = "no image of this token group has a nonzero reconstruct
 def reconstruction_metrics(teacher: Any, clt: Any, loader: DataLoader) -> dict[str, dict]:
     """Per-layer MSE, R^2, cosine and L0 of the CLT on teacher-forced activations.
 
+    A stand-alone teacher pass (`run_suite` gets the same numbers from its shared pass).
+
     Returns:
         group (every token group the teacher has) -> metric -> per-layer list.
     """
-    layout = layout_of(teacher)
-    metrics = {  # one rank runs the suite: never all-gather (other ranks wait at a barrier)
-        g: ReconstructionMetrics(clt.n_layers, clt.d_model, sync_on_compute=False)
-        for g in layout.groups
-    }
-    device = next(clt.parameters()).device
+    metrics = clean_pass.ReconstructionAccumulator(clt.n_layers, clt.d_model, layout_of(teacher))
     for images, *_ in tqdm(loader, desc="reconstruction", leave=False):
         x, y = teacher.capture(images.to(teacher.device))
-        n, t = x.shape[:2]
-        x, y = x.flatten(0, 1).to(device).float(), y.flatten(0, 1).to(device).float()
-        with torch.no_grad():
-            out = clt(x)
-        l0 = (out.encoding.z != 0).sum(-1)
-        token = torch.arange(t, device=device).repeat(n)
-        for group, metric in metrics.items():
-            mask = layout.mask(group, token)
-            metric.update(out.y_hat[mask], y[mask], l0[mask])
-    return {g: _defined_reconstruction(m) for g, m in metrics.items()}
-
-
-def _defined_reconstruction(metric: ReconstructionMetrics) -> dict[str, list]:
-    """Per-layer lists of `metric.compute()`, Undefined where the token count says so:
-    every metric with 0 tokens of the group, R^2 (a variance) with fewer than 2."""
-    n = int(metric.count)
-    values = {k: v.tolist() for k, v in metric.compute().items()}
-    for name, per_layer in values.items():
-        if n == 0 or (name == "r2" and n < 2):
-            reason = f"{name} needs {'2 tokens' if name == 'r2' else 'a token'}, the group has {n}"
-            values[name] = [Undefined(reason)] * len(per_layer)
-    return values
+        clean_pass.update_reconstruction(metrics, clt, x, y)
+    return metrics.payload()
 
 
 def _cascade_payload(result: replacement.CascadeResult) -> dict[str, Any]:
@@ -211,10 +196,24 @@ class RunInfo:
     checkpoint: str | None = None
 
 
-def default_windows(n_layers: int, starts: list[int] | None, modes: list[str]):
-    """(start, mode) windows for Table 5: the paper's 0, L-5, L-2, L-1 by default."""
+def default_windows(
+    n_layers: int, starts: list[int] | None, modes: list[str]
+) -> list[tuple[int, str]]:
+    """(start, mode) windows for Table 5.
+
+    Args:
+        n_layers: L.
+        starts: Explicit starts, each evaluated in every mode; None = the paper's rows
+            (`faithfulness.table5_windows`: 0-11, 7-11, 10-11, 11 for [CLS] and 0-11, 7-11,
+            10-11 for patches at L = 12, by offset from the last layer elsewhere; the
+            paper has no all-token rows).
+        modes: The token modes evaluated.
+
+    Raises:
+        ConfigError: A start outside 0..L-1.
+    """
     if starts is None:
-        starts = sorted({0, max(0, n_layers - 5), max(0, n_layers - 2), n_layers - 1})
+        return faithfulness.table5_windows(n_layers, modes)
     bad = [s for s in starts if not 0 <= s < n_layers]
     if bad:
         raise ConfigError(f"evaluation.faithfulness_starts {bad} outside 0..{n_layers - 1}")
@@ -227,8 +226,8 @@ def _accuracy_head(
     info: RunInfo,
     config: EvaluationConfig,
     train_dataset: Dataset | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(classifier [E, C], per-template classifiers [n, E, C], log scale) of the teacher."""
+) -> AccuracyHead:
+    """The teacher's accuracy head: zero-shot with a text tower, else a linear probe."""
     if getattr(teacher, "has_text_tower", True):
         templates = zeroshot.templates_for(info.dataset)
         cache = config.classifier_cache
@@ -236,7 +235,7 @@ def _accuracy_head(
         per_template = zeroshot.build_per_template_classifiers(
             teacher, class_names, templates, cache
         )
-        return classifier, per_template, zeroshot.logit_scale_of(teacher)
+        return AccuracyHead(classifier, per_template, zeroshot.logit_scale_of(teacher))
     if train_dataset is None:
         raise ConfigError(
             "the teacher has no text tower: its accuracy is a linear probe, which needs the "
@@ -250,7 +249,7 @@ def _accuracy_head(
         batch_size=config.batch_size,
         num_workers=config.num_workers,
     )
-    return classifier, classifier[None], torch.zeros(())
+    return AccuracyHead(classifier, classifier[None], torch.zeros(()))
 
 
 def run_suite(
@@ -291,56 +290,32 @@ def run_suite(
     clt.eval()
     images = evaluation_images(dataset, config.n_images, config.seed)
     loader = DataLoader(images, batch_size=config.batch_size, num_workers=config.num_workers)
-    classifier, per_template, scale = _accuracy_head(
-        teacher, class_names, info, config, train_dataset
-    )
+    head = _accuracy_head(teacher, class_names, info, config, train_dataset)
     layout = layout_of(teacher)
     modes = [layout.check(m, "evaluation.modes") for m in config.modes or []]
     modes = modes or [m for m in TOKEN_MODES if m in layout.groups]
-    L = clt.n_layers
-    windows = default_windows(L, config.faithfulness_starts, modes)
-    log.info("evaluating %s on %d images: cascade", info.run_name, len(images))
-    result = replacement.cascade(
-        teacher,
-        clt,
-        loader,
-        classifier,
-        scale,
-        starts=config.starts,
-        modes=modes,
-        keep=windows,
-        progress=True,
+    log.info("evaluating %s on %d images: one clean teacher pass", info.run_name, len(images))
+    payloads, result, reports, scores = _clean_pass_payloads(
+        teacher, clt, loader, head, config, modes
     )
-    payloads: dict[str, Any] = {"cascade": _cascade_payload(result)}
-    reports = faithfulness.faithfulness_from_cascade(
-        result, classifier, scale, per_template, windows
-    )
-    payloads["faithfulness"] = {"rows": _faithfulness_rows(reports, windows, L)}
-    log.info("contribution scores")
-    scores = contributions.contribution_scores(teacher, clt, loader, progress=True)
-    payloads["contributions"] = {
-        g: nan_to_undefined(s.tolist(), CONTRIBUTION_UNDEFINED) for g, s in scores.scores.items()
-    }
-    log.info("necessity / sufficiency ablations")
+    log.info("necessity / sufficiency ablations (second teacher pass)")
     ablation = ablations.ablate(
         teacher,
         clt,
         loader,
-        classifier,
-        scale,
+        head.classifier,
+        head.scale,
         scores,
         modes=modes,
         k=config.ablation_k,
         progress=True,
     )
-    payloads["ablations"] = _ablation_payload(ablation, scores, L)
-    log.info("reconstruction metrics")
-    payloads["reconstruction"] = reconstruction_metrics(teacher, clt, loader)
+    payloads["ablations"] = _ablation_payload(ablation, scores, clt.n_layers)
     run = {
         **asdict(info),
         "sparsifier": clt.sparsifier.name,
         "n_images": len(images),
-        "n_layers": L,
+        "n_layers": clt.n_layers,
     }
     with commit_folder(
         out, evaluation_owned, EVALUATION_WHAT, keep=evaluation_subfolder
@@ -367,6 +342,66 @@ def evaluation_owned(entry: Path) -> bool:
     if evaluation_subfolder(entry) or re.fullmatch(r"\.epoch_\d+\.(partial|previous)", entry.name):
         return True  # (the second: left by a killed per-epoch evaluation)
     return entry.is_file() and (entry.suffix in EVALUATION_SUFFIXES or entry.name.endswith(".tmp"))
+
+
+@dataclass
+class AccuracyHead:
+    """The accuracy head of one evaluation: zero-shot, or a linear probe for a teacher
+    without a text tower (`evaluation.linear_probe`, logit scale 0).
+
+    Args:
+        classifier: [E, C] template-averaged classifier (or the probe's weights).
+        per_template: [n_templates, E, C] one classifier per prompt template ([1, E, C]
+            for a probe).
+        scale: The model's log temperature.
+    """
+
+    classifier: torch.Tensor
+    per_template: torch.Tensor
+    scale: torch.Tensor
+
+
+def _clean_pass_payloads(
+    teacher: Any,
+    clt: Any,
+    loader: DataLoader,
+    head: AccuracyHead,
+    config: EvaluationConfig,
+    modes: list[str],
+) -> tuple[dict[str, Any], Any, dict[str, Any], Any]:
+    """Cascade, faithfulness, contributions and reconstruction from one clean teacher pass.
+
+    Returns:
+        (payloads by file stem, the cascade result, faithfulness reports, contribution scores).
+    """
+    n_layers = clt.n_layers
+    layout = layout_of(teacher)
+    windows = default_windows(n_layers, config.faithfulness_starts, modes)
+    cascade = replacement.CascadeAccumulator(
+        teacher, clt, head.classifier, head.scale, config.starts, modes, keep=windows
+    )
+    contribution = contributions.ContributionAccumulator(n_layers, layout=layout)
+    reconstruction = clean_pass.ReconstructionAccumulator(n_layers, clt.d_model, layout)
+    clean_pass.shared_clean_pass(
+        teacher, clt, loader, cascade, contribution, reconstruction, progress=True
+    )
+    result = cascade.compute()
+    reports = {}
+    if windows:  # the paper has no all-token rows: modes=["all"] has no default window
+        reports = faithfulness.faithfulness_from_cascade(
+            result, head.classifier, head.scale, head.per_template, windows
+        )
+    scores = contribution.compute()
+    payloads: dict[str, Any] = {
+        "cascade": _cascade_payload(result),
+        "faithfulness": {"rows": _faithfulness_rows(reports, windows, n_layers)},
+        "contributions": {
+            g: nan_to_undefined(s.tolist(), CONTRIBUTION_UNDEFINED)
+            for g, s in scores.scores.items()
+        },
+        "reconstruction": reconstruction.payload(),
+    }
+    return payloads, result, reports, scores
 
 
 def _ablation_payload(ablation: Any, scores: Any, n_layers: int) -> dict[str, Any]:

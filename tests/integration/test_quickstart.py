@@ -39,6 +39,8 @@ def _check_outputs(
             last,
             cascade["baseline"],
         )
+        # written by `clt fit`'s evaluation callback: after every epoch and at fit end
+        assert (evaluation / "epoch_00" / "run.json").is_file()
         scores = json.loads((evaluation / "contributions.json").read_text())
         for group in ("cls", "patches"):
             np.testing.assert_allclose(
@@ -46,7 +48,9 @@ def _check_outputs(
             )
     text = report.read_text()
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
-    assert len(images) >= 1 + 2 * len(sparsifiers) + 1  # curves, cascade+heatmap per run, grids
+    # curves, training curves, cascade + heatmap per run, grids
+    assert len(images) >= 2 + 2 * len(sparsifiers) + 1
+    assert "training_curves.png" in text
     for image in images:
         assert (report.parent / image).is_file(), image
     for heading in (
@@ -56,6 +60,7 @@ def _check_outputs(
         "Necessity and sufficiency",
         "Layer-wise retrieval",
         "Reconstruction",
+        "During training",
     ):
         assert heading in text
 

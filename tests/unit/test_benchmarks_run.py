@@ -109,3 +109,19 @@ def test_only_reruns_named_benchmarks_and_keeps_the_others(
     (tmp_path / "bench.json").write_text("[1, 2]")
     with pytest.raises(SystemExit, match="not a benchmark store"):
         bench_run.main(["--only", "b", "--out", str(out)])
+
+
+def test_suite_target_needs_a_faster_shared_pass_with_the_same_numbers() -> None:
+    def rows(ratio: float, same: bool) -> dict:
+        return {
+            "suite": [
+                {"name": "suite_four_passes", "ratio": 1.0, "matches_four_passes": True},
+                {"name": "suite_shared_pass", "ratio": ratio, "matches_four_passes": same},
+            ]
+        }
+
+    assert bench_run._suite_targets(rows(0.6, True))[0].met is True
+    assert bench_run._suite_targets(rows(1.1, True))[0].met is False
+    (differ,) = bench_run._suite_targets(rows(0.6, False))
+    assert differ.met is False and "numbers differ" in differ.measured
+    assert bench_run._suite_targets({})[0].met is None

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from clt_lightning.callbacks import EvaluationCallback, RetrievalCallback
 from clt_lightning.cli import build_cli
 from clt_lightning.data.datamodule import ActivationDataModule
 from clt_lightning.module import CLTModule
@@ -45,6 +46,11 @@ def test_config_instantiates(config: Path, tmp_path: Path) -> None:
     )
     assert isinstance(cli.model, CLTModule)
     assert isinstance(cli.datamodule, ActivationDataModule)
+    # evaluation at every epoch end and at fit end, retrieval at fit end (issue 14)
+    (evaluation,) = [c for c in cli.trainer.callbacks if isinstance(c, EvaluationCallback)]
+    assert evaluation.every_n_epochs == 1 and evaluation.at_fit_end
+    assert evaluation.config.n_images is None  # the fit-end evaluation is `clt evaluate`'s
+    assert any(isinstance(c, RetrievalCallback) for c in cli.trainer.callbacks)
     if config.stem == "quickstart":
         return
     if config.stem in EXAMPLES:
@@ -64,6 +70,8 @@ def test_config_instantiates(config: Path, tmp_path: Path) -> None:
         cli.datamodule.teacher_config.model_name == {"b32": "ViT-B-32", "b16": "ViT-B-16"}[backbone]
     )
     assert cli.datamodule.teacher_config.pretrained == "openai"
+    # <= 10% of an epoch by the arithmetic in configs/callbacks/<dataset>.yaml
+    assert evaluation.epoch_n_images == {"cifar100": 128, "imagenet100": 384, "coco": 384}[dataset]
 
 
 @pytest.mark.parametrize("stem", sorted(EXAMPLES))

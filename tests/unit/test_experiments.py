@@ -29,6 +29,11 @@ value = lambda flag: args[args.index(flag) + 1]
 print("fake clt", args[0])
 if args[0] == "fit" and "coco" in value("--config"):
     sys.exit(3)
+if args[0] == "fit" and "evaluating_fit" in value("--config"):  # fit-end evaluation callback
+    out = Path(value("--trainer.default_root_dir")) / "evaluation"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cascade.json").write_text("{}")
+    (out / "run.json").write_text("{}")
 if args[0] == "evaluate":
     out = Path(value("--evaluation.output_dir"))
     out.mkdir(parents=True, exist_ok=True)
@@ -130,6 +135,18 @@ def test_sweep_continues_after_a_failure_and_skips_finished_runs(tmp_path: Path,
     assert sweep.main(argv) == 1
     calls = [json.loads(line)[0] for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
     assert calls[5:] == ["cache", "fit"]
+
+
+def test_sweep_skips_evaluate_when_fit_evaluated(tmp_path: Path) -> None:
+    """The configs' fit-end evaluation callback writes evaluation/: no second `evaluate`."""
+    configs, runs = _write_configs(tmp_path / "evaluating_fit"), tmp_path / "runs"
+    fake = tmp_path / "fake_clt.py"
+    fake.write_text(FAKE_CLT)
+    argv = ["--runs", str(runs), "--configs", str(configs), "--clt", f"{sys.executable} {fake}"]
+    assert sweep.main([*argv, "--only", "imagenet100_b16_jumprelu"]) == 0
+    calls = [json.loads(line)[0] for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    assert calls == ["fit"]
+    assert (runs / "imagenet100_b16_jumprelu" / "FINISHED").is_file()
 
 
 def test_sweep_agent_runs_one_cell(tmp_path: Path, capsys) -> None:
