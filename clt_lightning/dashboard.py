@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from lightning.pytorch.loggers import Logger, WandbLogger
 
+from clt_lightning.evaluation.undefined import is_defined
+
 log = logging.getLogger(__name__)
 
 RECONSTRUCTION_METRICS: tuple[str, ...] = ("r2", "mse", "cosine", "l0")
@@ -61,6 +63,11 @@ FIGURES: tuple[str, ...] = ("cascade", "contributions", "reconstruction")
 
 def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and not math.isnan(float(value))
+
+
+def _cell(value: Any) -> Any:
+    """A table cell: an undefined value (`evaluation.undefined.Undefined`) is an empty cell."""
+    return value if is_defined(value) else None
 
 
 def _put(metrics: dict[str, float], key: str, value: Any) -> None:
@@ -176,7 +183,7 @@ def wandb_panels(payloads: Mapping[str, Any], folder: Path, prefix: str) -> dict
     if rows:
         columns = list(rows[0])
         panels[f"{prefix}/table/faithfulness"] = wandb.Table(
-            columns=columns, data=[[r[c] for c in columns] for r in rows]
+            columns=columns, data=[[_cell(r[c]) for c in columns] for r in rows]
         )
     panels[f"{prefix}/table/contributions"] = wandb.Table(
         columns=["group", "source", "target", "score"],
@@ -197,7 +204,7 @@ def contribution_rows(scores: Mapping[str, list[list[float]]]) -> Iterable[list[
             for target, value in enumerate(row):
                 if source == n_layers or source <= target:
                     name = "bias" if source == n_layers else f"{source:02d}"
-                    yield [group, name, target, value]
+                    yield [group, name, target, _cell(value)]
 
 
 def log_evaluation(
