@@ -24,9 +24,9 @@ Design decisions:
 from __future__ import annotations
 
 import dataclasses
-import warnings
 import datetime as dt
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,7 +186,7 @@ def collect(
         stats.count_images(n, n_tokens)
         seen += n
     tensors: dict[str, torch.Tensor] = {}
-    for (layer, group), entries in top.finish().items():
+    for (_layer, group), entries in top.finish().items():  # layer-major order
         for name in ("value", "image", "token", "heatmap"):
             tensors.setdefault(f"top_{name}_{group}", []).append(getattr(entries, name))
     tensors = {k: torch.stack(v) for k, v in tensors.items()}

@@ -98,16 +98,16 @@ class TopNStore:
         self.signed = signed
         shape, on = (n_latents, n_top), {"device": device}
         self.key = {
-            (l, g): torch.full(shape, -torch.inf, **on) for l in range(n_layers) for g in GROUPS
+            (s, g): torch.full(shape, -torch.inf, **on) for s in range(n_layers) for g in GROUPS
         }
         self.entries = {
-            (l, g): TopEntries(
+            (s, g): TopEntries(
                 torch.zeros(shape, **on),
                 torch.full(shape, -1, dtype=torch.int32, **on),
                 torch.zeros(shape, dtype=torch.int32, **on),
                 torch.zeros((*shape, n_tokens), dtype=torch.float16, **on),
             )
-            for l in range(n_layers)
+            for s in range(n_layers)
             for g in GROUPS
         }
 
