@@ -8,6 +8,7 @@ file, so the teacher and dataset are written down once:
     clt evaluate --config configs/cifar100_b32_relu_topk.yaml --ckpt_path runs/.../last.ckpt
     clt retrieve --config ... --ckpt_path ... --retrieval.query_index 3
     clt export   --config ... --ckpt_path ... --output_dir exported/
+    clt features --config ... --ckpt_path ...              # latent store + static site
 
 The extra subcommands are methods of `CLTTrainer`, which is how LightningCLI builds a
 subcommand parser from a signature; they only coordinate, the work lives in the package.
@@ -40,6 +41,7 @@ from clt_lightning.checkpointing import (  # noqa: E402
 from clt_lightning.data.datamodule import ActivationDataModule  # noqa: E402
 from clt_lightning.errors import CLTError, ConfigError  # noqa: E402
 from clt_lightning.evaluation.suite import EvaluationConfig  # noqa: E402
+from clt_lightning.features.collect import FeaturesConfig  # noqa: E402
 from clt_lightning.loggers import default_loggers  # noqa: E402
 from clt_lightning.module import CLTModule  # noqa: E402
 
@@ -102,6 +104,26 @@ class CLTTrainer(Trainer):
         commands.load_clt(ckpt_path).save_pretrained(output_dir)
         log.info("exported %s to %s", ckpt_path, output_dir)
 
+    def features(
+        self,
+        model: CLTModule,
+        datamodule: ActivationDataModule,
+        ckpt_path: str,
+        features: FeaturesConfig = FeaturesConfig(),
+    ) -> None:
+        """Latent dashboards: top images, frequencies, write profiles, a static site.
+
+        Args:
+            ckpt_path: Checkpoint written by `clt fit`.
+            features: What to compute and where to write it (docs/features.md).
+        """
+        from clt_lightning.features.collect import run_command
+
+        folder = run_command(
+            datamodule.teacher_config, datamodule.dataset_config, ckpt_path, features
+        )
+        print(f"latent site: {folder / 'index.html'}")
+
 
 class CLTLightningCLI(LightningCLI):
     """LightningCLI with the project's defaults and subcommands."""
@@ -114,6 +136,7 @@ class CLTLightningCLI(LightningCLI):
             evaluate={"model", "datamodule"},
             retrieve={"model", "datamodule"},
             export={"model", "datamodule"},
+            features={"model", "datamodule"},
         )
         return commands
 

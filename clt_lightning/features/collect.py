@@ -307,3 +307,33 @@ def build_features(
     store.write_store(folder, result.tensors, manifest)
     log.info("features written to %s (open %s)", folder, folder / "index.html")
     return folder
+
+
+def run_command(
+    teacher_config: Any, dataset_config: Any, ckpt_path: str, config: FeaturesConfig
+) -> Path:
+    """Body of `clt features`: load the CLT and the teacher, pass the split, write.
+
+    Args:
+        teacher_config: The run's TeacherConfig (`data.teacher`).
+        dataset_config: The run's DatasetConfig (`data.dataset`).
+        ckpt_path: Checkpoint written by `clt fit`.
+        config: The `features:` settings.
+
+    Returns:
+        The output folder (default `<run folder>/features`).
+    """
+    from clt_lightning.commands import load_clt, run_folder
+    from clt_lightning.data.datasets import build_dataset
+    from clt_lightning.teacher import Teacher
+
+    clt = load_clt(ckpt_path)
+    teacher = Teacher(teacher_config)
+    check_compatible(teacher, clt)
+    dataset = build_dataset(dataset_config, config.split, teacher.preprocess)
+    output_dir = (
+        Path(config.output_dir) if config.output_dir else run_folder(ckpt_path) / "features"
+    )
+    return build_features(
+        teacher, clt, dataset, dataset_config.name, config, output_dir, checkpoint=str(ckpt_path)
+    )
