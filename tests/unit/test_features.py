@@ -182,17 +182,19 @@ def test_latent_contributions_equal_explicit_loop(digits) -> None:
     norm2 = y_hat.pow(2).sum(-1)
     expected = np.zeros((3, F, 3))
     for s in range(3):
-        for l in range(s, 3):
-            write = w[s][:, l - s]  # [F, d] raw decoder rows
-            dots = (y_hat[:, l] @ write.T) / norm2[:, l, None]  # [B, F]
-            expected[s, :, l] = (z[:, s].double() * dots).mean(0).numpy()
+        for target in range(s, 3):
+            write = w[s][:, target - s]  # [F, d] raw decoder rows
+            dots = (y_hat[:, target] @ write.T) / norm2[:, target, None]  # [B, F]
+            expected[s, :, target] = (z[:, s].double() * dots).mean(0).numpy()
     np.testing.assert_allclose(t["contribution"].numpy(), expected, rtol=1e-4, atol=1e-8)
     # summed over latents: the contribution score of evaluation/contributions.py
     proj = token_projection_scores(clt, x)  # [B, L + 1, L]
     summed = t["contribution"].sum(1).numpy()  # [L_src, L_tgt]
     for s in range(3):
-        for l in range(s, 3):
-            assert summed[s, l] == pytest.approx(float(proj[:, s, l].mean()), rel=1e-4, abs=1e-8)
+        for target in range(s, 3):
+            assert summed[s, target] == pytest.approx(
+                float(proj[:, s, target].mean()), rel=1e-4, abs=1e-8
+            )
 
 
 def test_direct_effect_equals_explicit_head_computation(digits) -> None:
