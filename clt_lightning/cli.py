@@ -109,18 +109,18 @@ class CLTTrainer(Trainer):
         model: CLTModule,
         datamodule: ActivationDataModule,
         ckpt_path: str,
-        features: FeaturesConfig = FeaturesConfig(),
+        latents: FeaturesConfig = FeaturesConfig(),
     ) -> None:
         """Latent dashboards: top images, frequencies, write profiles, a static site.
 
         Args:
             ckpt_path: Checkpoint written by `clt fit`.
-            features: What to compute and where to write it (docs/features.md).
+            latents: What to compute and where to write it (docs/features.md).
         """
         from clt_lightning.features.collect import run_command
 
         folder = run_command(
-            datamodule.teacher_config, datamodule.dataset_config, ckpt_path, features
+            datamodule.teacher_config, datamodule.dataset_config, ckpt_path, latents
         )
         print(f"latent site: {folder / 'index.html'}")
 

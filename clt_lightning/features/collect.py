@@ -88,20 +88,20 @@ class FeaturesConfig:
         for key in ("n_top", "batch_size", "histogram_bins", "thumbnail_size"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ConfigError(
-                    f"features.{key} must be an integer >= 1, got {getattr(self, key)!r}"
+                    f"latents.{key} must be an integer >= 1, got {getattr(self, key)!r}"
                 )
         for key in ("max_images", "contribution_images"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or value < 1):
-                raise ConfigError(f"features.{key} must be an integer >= 1 or null, got {value!r}")
+                raise ConfigError(f"latents.{key} must be an integer >= 1 or null, got {value!r}")
         lo, hi = (float(v) for v in self.histogram_range)
         if not lo < hi:
             raise ConfigError(
-                f"features.histogram_range needs lo < hi, got {list(self.histogram_range)}"
+                f"latents.histogram_range needs lo < hi, got {list(self.histogram_range)}"
             )
         if not 0 < self.dense_threshold <= 1:
             raise ConfigError(
-                f"features.dense_threshold must be in (0, 1], got {self.dense_threshold}"
+                f"latents.dense_threshold must be in (0, 1], got {self.dense_threshold}"
             )
 
 
@@ -120,7 +120,7 @@ def pass_images(dataset: Dataset, config: FeaturesConfig) -> tuple[Dataset, list
     n = len(dataset)
     if n == 0:
         raise ConfigError(
-            f"split {config.split!r} has no images; pass a split with images (features.split)"
+            f"split {config.split!r} has no images; pass a split with images (latents.split)"
         )
     subset = evaluation_images(dataset, config.max_images, config.seed)
     ids = list(subset.indices) if isinstance(subset, Subset) else list(range(n))

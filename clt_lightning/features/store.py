@@ -95,14 +95,14 @@ def prepare_folder(folder: Path, fingerprints: dict[str, str], overwrite: bool) 
         raise ConfigError(
             f"features output folder {folder} is not empty and holds no {MANIFEST}: it is "
             "not a latent store, so nothing there is replaced; choose an empty or new "
-            "folder (features.output_dir)"
+            "folder (latents.output_dir)"
         )
     if old is not None and old.get("clt") != fingerprints["clt"]:
         if not overwrite:
             raise ConfigError(
                 f"features output folder {folder} was made for another CLT (fingerprint "
                 f"{str(old.get('clt'))[:16]}, this checkpoint {fingerprints['clt'][:16]}); "
-                "choose another features.output_dir or pass --features.overwrite true"
+                "choose another latents.output_dir or pass --latents.overwrite true"
             )
         log.warning("overwriting %s (made for CLT %s)", folder, str(old.get("clt"))[:16])
     folder.mkdir(parents=True, exist_ok=True)

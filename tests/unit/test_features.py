@@ -325,10 +325,10 @@ def test_folder_with_other_files_is_never_touched(digits, tmp_path) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"n_top": 0}, "features.n_top"),
-        ({"max_images": 0}, "features.max_images"),
-        ({"histogram_range": (1.0, -1.0)}, "features.histogram_range"),
-        ({"dense_threshold": 0.0}, "features.dense_threshold"),
+        ({"n_top": 0}, "latents.n_top"),
+        ({"max_images": 0}, "latents.max_images"),
+        ({"histogram_range": (1.0, -1.0)}, "latents.histogram_range"),
+        ({"dense_threshold": 0.0}, "latents.dense_threshold"),
     ],
 )
 def test_bad_settings(kwargs: dict, match: str) -> None:
