@@ -7,6 +7,7 @@ Steps (each resumable; a rerun skips what is finished):
 3. `clt fit` + `clt evaluate` for each of the paper's sparsifiers (JumpReLU, ReLU-TopK,
    Abs-TopK) with `configs/quickstart.yaml`;
 4. `clt retrieve`: layer-wise retrieval grids ([CLS] and patch codes) for two digits;
+   `clt features`: the latent store and browsable site of the ReLU-TopK CLT;
 5. the report: `reports/quickstart/report.md`, with the tables the paper shows (cascaded
    replacement, faithfulness, ablations, reconstruction) and every figure.
 
@@ -141,6 +142,18 @@ def run_retrieval(opts: argparse.Namespace, common: list[str], sparsifier: str) 
             )
 
 
+def run_features(opts: argparse.Namespace, common: list[str], sparsifier: str) -> None:
+    """`clt features`: the latent site of one CLT in `<runs>/<sparsifier>/features` (the
+    run's own folder: a refit CLT replaces it)."""
+    root = Path(opts.runs) / sparsifier
+    args = ["features", "--config", opts.config, *common]
+    args += ["--ckpt_path", str(root / "checkpoints" / "last.ckpt")]
+    args += ["--latents.output_dir", str(root / "features"), "--latents.overwrite", "true"]
+    if opts.n_images is not None:
+        args += ["--latents.max_images", str(opts.n_images)]
+    clt(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     opts = parse_args(argv)
@@ -169,6 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     step = time.perf_counter()
     run_retrieval(opts, common, "relu_topk" if "relu_topk" in sparsifiers else sparsifiers[0])
     timings["retrieval"] = time.perf_counter() - step
+    step = time.perf_counter()
+    run_features(opts, common, "relu_topk" if "relu_topk" in sparsifiers else sparsifiers[0])
+    timings["features"] = time.perf_counter() - step
     timings["total"] = time.perf_counter() - start
     report = write_report(
         Path(opts.runs), Path(opts.out), teacher_record(opts.teacher_dir), timings
