@@ -45,9 +45,10 @@ def store_bytes(n_layers: int, n_latents: int, n_top: int, n_tokens: int) -> int
         n_tokens: T tokens per image (heatmap length).
 
     Returns:
-        L * F * N * len(GROUPS) * (4 + 4 + 4 + 2 T): value, image id, token, heatmap.
+        L * F * N * len(GROUPS) * (4 + 4 + 4 + 4 + 2 T): ranking key, value, image id,
+        token, heatmap.
     """
-    per_entry = VALUE_BYTES + 2 * INDEX_BYTES + HEAT_BYTES * n_tokens
+    per_entry = 2 * VALUE_BYTES + 2 * INDEX_BYTES + HEAT_BYTES * n_tokens
     return n_layers * n_latents * n_top * len(GROUPS) * per_entry
 
 

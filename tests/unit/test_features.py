@@ -338,8 +338,7 @@ def test_bad_settings(kwargs: dict, match: str) -> None:
 
 def test_store_memory_is_stated() -> None:
     store = TopNStore(2, 10, 4, 5)
-    held = sum(
-        t.numel() * t.element_size() for e in store.entries.values() for t in vars(e).values()
-    )
-    assert held == store_bytes(2, 10, 4, 5)
-    assert store_bytes(12, 12_288, 16, 50) // (4 + 4 + 4 + 2 * 50) == 12 * 12_288 * 16 * 2
+    tensors = [t for e in store.entries.values() for t in vars(e).values()]
+    tensors += list(store.key.values())  # the ranking keys
+    assert sum(t.numel() * t.element_size() for t in tensors) == store_bytes(2, 10, 4, 5)
+    assert store_bytes(12, 12_288, 16, 50) // (4 * 4 + 2 * 50) == 12 * 12_288 * 16 * 2
