@@ -193,7 +193,7 @@ def collect(
     tensors |= stats.tensors()
     tensors["write_norm"], tensors["write_share"] = effects.write_profile(clt)
     tensors["contribution"] = contributions.compute()
-    tensors["contribution_tokens"] = contributions.n_tokens.clone()
+    tensors["contribution_tokens"] = contributions.n_tokens.cpu()
     facts = {
         "n_images": stats.n_images,
         "n_tokens": stats.n_tokens,

@@ -79,16 +79,15 @@ class LatentContributions:
     """Streaming per-latent contribution scores (see the module docstring).
 
     Args:
-        clt: The CrossLayerTranscoder (fp32; its scales are read once).
+        clt: The CrossLayerTranscoder (sums kept on its device, in float64).
     """
 
     def __init__(self, clt: torch.nn.Module) -> None:
         self.clt = clt
         n_layers, n_latents = clt.n_layers, clt.n_latents
-        self.sums = [
-            torch.zeros(n_latents, n_layers - s, dtype=torch.float64) for s in range(n_layers)
-        ]
-        self.n_tokens = torch.zeros(n_layers, dtype=torch.int64)
+        on = {"dtype": torch.float64, "device": clt.W_enc.device}
+        self.sums = [torch.zeros(n_latents, n_layers - s, **on) for s in range(n_layers)]
+        self.n_tokens = torch.zeros(n_layers, dtype=torch.int64, device=clt.W_enc.device)
 
     @torch.no_grad()
     def update(self, zs: list[Tensor]) -> None:
@@ -123,7 +122,7 @@ class LatentContributions:
         n_layers, n_latents = self.clt.n_layers, self.clt.n_latents
         out = torch.zeros(n_layers, n_latents, n_layers, dtype=torch.float64)
         for s, total in enumerate(self.sums):
-            out[s, :, s:] = total / self.n_tokens[s:].double()
+            out[s, :, s:] = total.cpu() / self.n_tokens[s:].cpu().double()
         return out
 
 
