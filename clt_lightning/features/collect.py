@@ -150,14 +150,11 @@ def collect(
     clt = clt.to(device).eval()
     n_layers, n_latents, n_tokens = clt.n_layers, clt.n_latents, teacher.tokens_per_image
     signed = bool(getattr(clt.sparsifier, "signed", False))
+    size = store_bytes(n_layers, n_latents, config.n_top, n_tokens) / 1e6
     log.info(
-        "features: %d images, top-%d store %.1f MB (L=%d x F=%d x N=%d x %d groups)",
+        "features: %d images; top-N store %.1f MB (L x F x N x %d groups)",
         len(ids),
-        config.n_top,
-        store_bytes(n_layers, n_latents, config.n_top, n_tokens) / 1e6,
-        n_layers,
-        n_latents,
-        config.n_top,
+        size,
         len(GROUPS),
     )
     top = TopNStore(n_layers, n_latents, config.n_top, n_tokens, signed=signed, device=device)
@@ -185,15 +182,7 @@ def collect(
             contributions.update(codes)
         stats.count_images(n, n_tokens)
         seen += n
-    tensors: dict[str, torch.Tensor] = {}
-    for (_layer, group), entries in top.finish().items():  # layer-major order
-        for name in ("value", "image", "token", "heatmap"):
-            tensors.setdefault(f"top_{name}_{group}", []).append(getattr(entries, name))
-    tensors = {k: torch.stack(v) for k, v in tensors.items()}
-    tensors |= stats.tensors()
-    tensors["write_norm"], tensors["write_share"] = effects.write_profile(clt)
-    tensors["contribution"] = contributions.compute()
-    tensors["contribution_tokens"] = contributions.n_tokens.cpu()
+    tensors = _store_tensors(top, stats, contributions, clt)
     facts = {
         "n_images": stats.n_images,
         "n_tokens": stats.n_tokens,
@@ -202,6 +191,22 @@ def collect(
         "signed": signed,
     }
     return PassResult(tensors, facts)
+
+
+def _store_tensors(
+    top: TopNStore, stats: LatentStats, contributions: effects.LatentContributions, clt: Any
+) -> dict[str, torch.Tensor]:
+    """The store's tensors (CPU) from the accumulators of a finished pass."""
+    tensors: dict[str, Any] = {}
+    for (_layer, group), entries in top.finish().items():  # layer-major order
+        for name in ("value", "image", "token", "heatmap"):
+            tensors.setdefault(f"top_{name}_{group}", []).append(getattr(entries, name))
+    tensors = {k: torch.stack(v) for k, v in tensors.items()}
+    tensors |= stats.tensors()
+    tensors["write_norm"], tensors["write_share"] = effects.write_profile(clt)
+    tensors["contribution"] = contributions.compute()
+    tensors["contribution_tokens"] = contributions.n_tokens.cpu()
+    return tensors
 
 
 def _csr(z: torch.Tensor) -> torch.Tensor:
@@ -279,8 +284,28 @@ def build_features(
     store.prepare_folder(folder, fingerprints, config.overwrite)
     result = collect(teacher, clt, dataset, config, progress=progress)
     class_names = add_direct_effect(result, teacher, clt, dataset_name, dataset, config)
-    manifest = {
-        "fingerprints": fingerprints,
+    manifest = _manifest(teacher, clt, dataset_name, identity, config, result, checkpoint)
+    manifest |= {"fingerprints": fingerprints, "class_names": class_names}
+    if config.site:
+        from clt_lightning.features.site import write_site
+
+        write_site(folder, result.tensors, manifest, dataset, config, progress=progress)
+    store.write_store(folder, result.tensors, manifest)
+    log.info("features written to %s (open %s)", folder, folder / "index.html")
+    return folder
+
+
+def _manifest(
+    teacher: Any,
+    clt: Any,
+    dataset_name: str,
+    identity: dict[str, Any],
+    config: FeaturesConfig,
+    result: PassResult,
+    checkpoint: str | None,
+) -> dict[str, Any]:
+    """The manifest's description of the run (fingerprints and class names are added later)."""
+    return {
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "checkpoint": checkpoint,
         "dataset": dataset_name,
@@ -296,17 +321,9 @@ def build_features(
         "grid_size": int(round((teacher.tokens_per_image - 1) ** 0.5)),
         "n_top": config.n_top,
         "sparsifier": clt.sparsifier_config.name,
-        "class_names": class_names,
         "settings": {k: v for k, v in dataclasses.asdict(config).items() if k != "output_dir"},
         **result.facts,
     }
-    if config.site:
-        from clt_lightning.features.site import write_site
-
-        write_site(folder, result.tensors, manifest, dataset, config, progress=progress)
-    store.write_store(folder, result.tensors, manifest)
-    log.info("features written to %s (open %s)", folder, folder / "index.html")
-    return folder
 
 
 def run_command(

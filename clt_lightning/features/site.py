@@ -252,6 +252,30 @@ def copy_assets(folder: Path) -> None:
         atomic_write_bytes(folder / name, (root / Path(name).name).read_bytes())
 
 
+def write_chunks(
+    data: Path, tensors: dict[str, torch.Tensor], layer: int, labels: np.ndarray | None, steps: Any
+) -> set[int]:
+    """Write the chunk files of one layer; returns the image ids they show."""
+    names = [f"top_{k}_{g}" for g in GROUPS for k in ("value", "image", "token", "heatmap")]
+    names += ["histogram", "write_norm", "write_share", "contribution"]
+    names += ["direct_effect"] if "direct_effect" in tensors else []
+    t = {}
+    for name in names:
+        part = tensors[name][layer]
+        t[name] = (part.float() if part.is_floating_point() else part).numpy()
+    n_latents, shown = t["histogram"].shape[0], set()
+    for start in range(0, n_latents, CHUNK):
+        stop = min(n_latents, start + CHUNK)
+        records = {i: latent_record(t, layer, i, labels) for i in range(start, stop)}
+        for record in records.values():
+            shown.update(record["images"])
+        name = f"chunk/{layer}/{start // CHUNK}"
+        path = data / f"L{layer:02d}" / f"chunk_{start // CHUNK:04d}.js"
+        atomic_write_text(path, _js(name, records))
+        steps.update(stop - start)
+    return shown
+
+
 def write_site(
     folder: Path,
     tensors: dict[str, torch.Tensor],
@@ -284,32 +308,12 @@ def write_site(
     summary["zero_shot_classes"] = manifest.get("class_names") or []
     atomic_write_text(data / "summary.js", _js("summary", summary))
     shown: set[int] = set()
-    names = [f"top_{k}_{g}" for g in GROUPS for k in ("value", "image", "token", "heatmap")]
-    names += ["histogram", "write_norm", "write_share", "contribution"]
-    names += ["direct_effect"] if "direct_effect" in tensors else []
     n_layers, n_latents = manifest["n_layers"], manifest["n_latents"]
     steps = tqdm(total=n_layers * n_latents, desc="site", disable=not progress)
     for s in range(n_layers):
-        top = top_images(tensors, s)
-        atomic_write_text(
-            data / f"layer_{s:02d}.js", _js(f"layer/{s}", layer_payload(tables[s], top))
-        )
-        t = {
-            name: tensors[name][s].float().numpy()
-            if tensors[name].is_floating_point()
-            else tensors[name][s].numpy()
-            for name in names
-        }
-        for start in range(0, n_latents, CHUNK):
-            stop = min(n_latents, start + CHUNK)
-            records = {i: latent_record(t, s, i, labels) for i in range(start, stop)}
-            for record in records.values():
-                shown.update(record["images"])
-            chunk = f"chunk/{s}/{start // CHUNK}"
-            atomic_write_text(
-                data / f"L{s:02d}" / f"chunk_{start // CHUNK:04d}.js", _js(chunk, records)
-            )
-            steps.update(stop - start)
+        table = layer_payload(tables[s], top_images(tensors, s))
+        atomic_write_text(data / f"layer_{s:02d}.js", _js(f"layer/{s}", table))
+        shown |= write_chunks(data, tensors, s, labels, steps)
     steps.close()
     write_thumbnails(
         folder,

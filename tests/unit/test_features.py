@@ -8,8 +8,10 @@ explicit numpy computation through the head.
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
+import re
 
 import numpy as np
 import pytest
@@ -63,7 +65,9 @@ def brute_force(teacher, clt, dataset) -> dict[str, np.ndarray]:
 
 
 def config(**kw) -> FeaturesConfig:
-    return FeaturesConfig(n_top=N_TOP, batch_size=7, classifier_cache=None, site=False, **kw)
+    return FeaturesConfig(
+        **{"n_top": N_TOP, "batch_size": 7, "classifier_cache": None, "site": False, **kw}
+    )
 
 
 @pytest.mark.parametrize("name", ["relu_topk", "abs_topk", "jumprelu"])
@@ -342,3 +346,50 @@ def test_store_memory_is_stated() -> None:
     tensors += list(store.key.values())  # the ranking keys
     assert sum(t.numel() * t.element_size() for t in tensors) == store_bytes(2, 10, 4, 5)
     assert store_bytes(12, 12_288, 16, 50) // (4 * 4 + 2 * 50) == 12 * 12_288 * 16 * 2
+
+
+def read_js(path) -> tuple[str, object]:
+    """(name, payload) of a data file `window.__clt.add(name, payload);`."""
+    text = path.read_text()
+    match = re.fullmatch(r'window\.__clt\.add\("([^"]+)", (.*)\);\n', text, re.S)
+    assert match, text[:200]
+    return match.group(1), json.loads(match.group(2))
+
+
+def test_site_data_equals_the_store_and_thumbnails_are_reused(digits, tmp_path) -> None:
+    teacher, dataset = digits
+    out = tmp_path / "f"
+    build_features(teacher, make_clt(), dataset, "digits", config(site=True), out, progress=False)
+    store = FeatureStore.open(out)
+    name, summary = read_js(out / "data" / "summary.js")
+    assert name == "summary" and summary["n_latents"] == F and summary["has_direct_effect"]
+    _, table = read_js(out / "data" / "layer_01.js")
+    expected = store.layer_table(1)
+    np.testing.assert_allclose(table["freq"], expected["token_frequency"].numpy(), rtol=1e-3)
+    np.testing.assert_allclose(table["dist"], expected["write_distance"].numpy(), rtol=1e-3)
+    _, chunk = read_js(out / "data" / "L01" / "chunk_0000.js")
+    for i in (0, 7, F - 1):
+        record, latent = chunk[str(i)], store.latent(1, i)
+        for group in ("cls", "patches"):
+            slots = [e[0] for e in record["top"][group]]
+            assert [record["images"][k] for k in slots] == [t.image for t in latent.top[group]]
+            np.testing.assert_allclose(
+                [e[1] for e in record["top"][group]],
+                [t.value for t in latent.top[group]],
+                rtol=1e-3,
+            )
+        heat = np.frombuffer(base64.b64decode(record["heat"]), dtype=np.int8).reshape(-1, 17)
+        heat = heat / 127 * np.array(record["heat_scale"])[:, None]
+        for entry in latent.top["patches"]:
+            row = heat[record["images"].index(entry.image)]
+            np.testing.assert_allclose(row, entry.heatmap, atol=np.abs(entry.heatmap).max() / 120)
+        np.testing.assert_array_equal(record["hist"], latent.histogram)
+        up = [c for c, _ in record["up"]]
+        assert up == [int(c) for c in np.argsort(-latent.direct_effect)[: len(up)]]
+    thumbs = sorted((out / "thumbs").glob("*.jpg"))
+    shown = {img for r in chunk.values() for img in r["images"]}
+    assert shown <= {int(p.stem) for p in thumbs}
+    stamps = {p.name: p.stat().st_mtime_ns for p in thumbs}
+    build_features(teacher, make_clt(), dataset, "digits", config(site=True), out, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in sorted((out / "thumbs").glob("*.jpg"))} == stamps
+    assert (out / "index.html").is_file() and (out / "assets" / "site.js").is_file()

@@ -156,7 +156,7 @@ const CLT = (() => {
     let ids = [...Array(table.freq.length).keys()];
     const m = c.search.match(/^(?:(\d+)\s*[/:.]\s*)?(\d+)$/);
     if (c.search && m) {
-      if (m[1] !== undefined && Number(m[1]) !== state.layer) return null; // handled by caller
+      if (m[1] !== undefined && Number(m[1]) !== state.layer) return []; // no such layer
       ids = ids.filter((i) => String(i).startsWith(m[2]));
     }
     ids = ids.filter((i) => {
@@ -189,7 +189,8 @@ const CLT = (() => {
     body.textContent = "";
     ids.slice(state.page * state.pageSize, (state.page + 1) * state.pageSize).forEach((i) => {
       const href = "latent.html#" + state.layer + "/" + i;
-      const thumbs = el("td", { class: "thumbs" }, table.top[i].filter((id) => id >= 0).map((id) => el("img", { src: thumb(id), loading: "lazy", alt: "image " + id })));
+      const images = table.top[i].filter((id) => id >= 0).map((id) => el("img", { src: thumb(id), loading: "lazy", alt: "image " + id }));
+      const thumbs = el("td", { class: "thumbs" }, el("a", { href }, images));
       body.append(el("tr", {},
         thumbs, el("td", {}, el("a", { href }, state.layer + "/" + i)), el("td", {}, pct(table.freq[i])),
         el("td", {}, pct(table.cls_freq[i])), el("td", {}, pct(table.img_freq[i])), el("td", {}, fmt(table.mean[i])),
