@@ -26,11 +26,10 @@ class c by this much", not a measured logit change.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
-
-PAIR_CHUNK = 4096
-"""Active (token, latent) pairs handled at once by `LatentContributions.update`."""
 
 
 @torch.no_grad()
@@ -68,54 +67,49 @@ def write_distance(share: Tensor) -> Tensor:
     return (share * ahead.clamp_min(0)[:, None, :].float()).sum(-1)
 
 
-def active_pairs(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(token [P], latent [P], value [P]) of the stored entries of a CSR matrix z [B, F]."""
-    rows = z.crow_indices()
-    token = torch.repeat_interleave(torch.arange(z.shape[0], device=rows.device), rows.diff())
-    return token, z.col_indices(), z.values()
-
-
 class LatentContributions:
     """Streaming per-latent contribution scores (see the module docstring).
 
+    Per chunk of tokens, `clt(x)` gives z and y_hat (the CLT's own forward, so its own
+    sparse decoding); then, per source s, one sparse product gathers
+    M_s = z_s^T u [F, (L - s) d] with u_t[l] = y_hat_t[l] / (o_l ||y_hat_t[l]||^2), and the
+    contributions are <W_dec[s][i, l - s], M_s[i, l]>: the decoder is read once per chunk,
+    not once per firing.
+
     Args:
-        clt: The CrossLayerTranscoder (sums kept on its device, in float64).
+        clt: The CrossLayerTranscoder (eval mode; sums kept on its device, in float64).
+        chunk_tokens: Tokens per forward (memory ~ chunk x L x F floats).
     """
 
-    def __init__(self, clt: torch.nn.Module) -> None:
-        self.clt = clt
+    def __init__(self, clt: torch.nn.Module, chunk_tokens: int = 1024) -> None:
+        self.clt, self.chunk_tokens = clt, chunk_tokens
         n_layers, n_latents = clt.n_layers, clt.n_latents
         on = {"dtype": torch.float64, "device": clt.W_enc.device}
         self.sums = [torch.zeros(n_latents, n_layers - s, **on) for s in range(n_layers)]
         self.n_tokens = torch.zeros(n_layers, dtype=torch.int64, device=clt.W_enc.device)
 
     @torch.no_grad()
-    def update(self, zs: list[Tensor]) -> None:
-        """Add a chunk of tokens.
+    def update(self, x: Tensor) -> None:
+        """Add tokens.
 
         Args:
-            zs: Per source layer, activations z_s [B, F] of the same B tokens, as sparse
-                CSR tensors (`z.to_sparse_csr()`) so a batch of every layer stays small.
+            x: Raw MLP inputs [B, L, d] of B tokens (teacher-forced).
         """
         clt = self.clt
-        scale = clt.output_scale.float()
-        y_hat = clt.b_dec.float()[None].repeat(zs[0].shape[0], 1, 1)  # scaled [B, L, d]
-        for s, z in enumerate(zs):
-            w = clt.W_dec[s].float().reshape(clt.n_latents, -1)
-            y_hat[:, s:] += torch.sparse.mm(z, w).reshape(z.shape[0], clt.n_layers - s, clt.d_model)
-        y_hat = y_hat / scale[:, None]  # raw
-        norm2 = y_hat.double().pow(2).sum(-1)  # [B, L]
-        valid = norm2 > 0
-        self.n_tokens += valid.sum(0)
-        u = torch.where(valid[..., None], y_hat.double() / norm2.clamp_min(1e-300)[..., None], 0.0)
-        u = (u / scale.double()[:, None]).float()  # folds 1/o_l of the contribution into u
-        for s, z in enumerate(zs):
-            token, latent, value = active_pairs(z)
-            for start in range(0, len(token), PAIR_CHUNK):
-                part = slice(start, start + PAIR_CHUNK)
-                rows = clt.W_dec[s].float()[latent[part]]  # [P, L - s, d]
-                dots = (rows * u[token[part], s:]).sum(-1)  # [P, L - s]
-                self.sums[s].index_add_(0, latent[part], (dots * value[part, None]).double())
+        scale = clt.output_scale.double()
+        for part in x.split(self.chunk_tokens):
+            out = clt(part.to(clt.W_enc.dtype))
+            y_hat = out.y_hat.double()  # raw [b, L, d]
+            norm2 = y_hat.pow(2).sum(-1)  # [b, L]
+            valid = norm2 > 0
+            self.n_tokens += valid.sum(0)
+            u = torch.where(valid[..., None], y_hat / norm2.clamp_min(1e-300)[..., None], 0.0)
+            u = (u / scale[:, None]).float()  # folds 1/o_l of the contribution into u
+            for s, w_dec in enumerate(clt.W_dec):
+                z_t = _csr(out.encoding.z[:, s].float().T.contiguous())  # [F, b]
+                m = torch.sparse.mm(z_t, u[:, s:].reshape(part.shape[0], -1))  # [F, (L-s) d]
+                dots = (m.reshape(w_dec.shape) * w_dec.float()).sum(-1)  # [F, L - s]
+                self.sums[s] += dots.double()
 
     def compute(self) -> Tensor:
         """[L, F, L] float64 mean contribution (0 for l < s; NaN where no token counted)."""
@@ -124,6 +118,13 @@ class LatentContributions:
         for s, total in enumerate(self.sums):
             out[s, :, s:] = total.cpu() / self.n_tokens[s:].cpu().double()
         return out
+
+
+def _csr(z: Tensor) -> Tensor:
+    """z as a sparse CSR tensor (torch warns that CSR is beta; it is used as documented)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return z.to_sparse_csr()
 
 
 def ln_post_scale(teacher: torch.nn.Module, h: Tensor) -> Tensor:

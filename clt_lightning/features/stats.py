@@ -18,6 +18,8 @@ are counted in the first or last bin, so every firing is counted once.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -66,21 +68,28 @@ class LatentStats:
     def update(self, layer: int, z: Tensor) -> None:
         """Add one batch of one layer.
 
+        Everything is counted from the non-zero entries alone (one scan of z), so the cost
+        follows the number of firings, not n x T x F.
+
         Args:
             layer: Source layer s.
             z: Activations [n, T, F] of every token of n images.
         """
-        active = z != 0
-        self.fired_cls[layer] += active[:, 0].sum(0)
-        self.fired_patches[layer] += active[:, 1:].sum((0, 1))
-        self.fired_images[layer] += active.any(1).sum(0)
-        self.activation_sum[layer] += z.sum((0, 1), dtype=torch.float64)
-        where = active.reshape(-1, self.n_latents).nonzero()  # [nnz, 2] (token, latent)
-        values = z.reshape(-1, self.n_latents)[where[:, 0], where[:, 1]]
-        bins = self.bin_of(values)
-        flat = where[:, 1] * self.n_bins + bins
-        counts = torch.bincount(flat, minlength=self.n_latents * self.n_bins)
-        self.histogram[layer] += counts.reshape(self.n_latents, self.n_bins)
+        n_images, n_tokens, n_latents = z.shape
+        flat = z.reshape(-1, n_latents)
+        row, latent = flat.nonzero(as_tuple=True)  # firings, row = image * T + token
+        values = flat[row, latent]
+        count = functools.partial(torch.bincount, minlength=n_latents)
+        is_cls = row % n_tokens == 0
+        self.fired_cls[layer] += count(latent[is_cls])
+        self.fired_patches[layer] += count(latent[~is_cls])
+        fired = torch.zeros(n_images, n_latents, dtype=torch.bool, device=z.device)
+        fired[row // n_tokens, latent] = True
+        self.fired_images[layer] += fired.sum(0)
+        self.activation_sum[layer] += count(latent, weights=values.double())
+        bins = latent * self.n_bins + self.bin_of(values)
+        counts = torch.bincount(bins, minlength=n_latents * self.n_bins)
+        self.histogram[layer] += counts.reshape(n_latents, self.n_bins)
 
     def bin_of(self, values: Tensor) -> Tensor:
         """Histogram bin of each non-zero activation (clamped into the first/last bin)."""

@@ -13,9 +13,10 @@ Design decisions:
   lists holds the whole "all" list. Storing "all" separately would cost a third more.
 - Ranking key: the activation, or its magnitude for signed sparsifiers (Abs-TopK keeps
   negative activations); the stored value keeps its sign.
-- Each batch is merged with one `topk` over [F, N + n] per group. Heatmaps are only moved
-  for latents that admitted a new image this batch (after the first batches, few do), so
-  the bookkeeping costs about one scan of the batch's activations.
+- Slots are kept unsorted during the pass (sorted once by `finish`). Per batch and group,
+  only latents whose batch maximum beats their current N-th value are merged (after the
+  first batches few are), with one `topk` over [R, N + n]; an admitted image takes the slot
+  of an evicted one, so only the new heatmaps are copied and nothing else moves.
 - Memory is fixed up front: per layer and group, values [F, N] float32, image ids and
   token positions [F, N] int32 and heatmaps [F, N, T] float16; `store_bytes` states it.
 - Empty slots (fewer than N images seen, or a latent that never fired) have image id -1;
@@ -141,36 +142,50 @@ class TopNStore:
         new_value: Tensor,
         new_token: Tensor,
     ) -> None:
-        """Keep the N best of (stored, new) per latent; move heatmaps where a new one won."""
-        n_images = new_key.shape[0]
-        old = self.entries[(layer, group)]
-        keys = torch.cat([self.key[(layer, group)], new_key.T], dim=1)  # [F, N + n]
-        best_key, pick = keys.topk(self.n_top, dim=1)  # [F, N]
-        self.key[(layer, group)] = best_key
-        ids = image_ids[None].expand(self.n_latents, n_images)
-        value = torch.cat([old.value, new_value.T], 1).gather(1, pick)
-        image = torch.cat([old.image, ids], 1).gather(1, pick)
-        token = torch.cat([old.token, new_token.to(torch.int32).T], 1).gather(1, pick)
-        heatmap = old.heatmap
-        changed = (pick >= self.n_top).any(dim=1).nonzero().squeeze(1)
-        if changed.numel():
-            rows = pick[changed]  # [F', N]
-            new_heat = z[:, :, changed].permute(2, 0, 1).to(torch.float16)  # [F', n, T]
-            both = torch.cat([heatmap[changed], new_heat], dim=1)
-            index = rows[:, :, None].expand(-1, -1, self.n_tokens)
-            heatmap[changed] = both.gather(1, index)
-        self.entries[(layer, group)] = TopEntries(value, image, token, heatmap)
+        """Let a batch's images into the (unsorted) top-N slots they beat.
+
+        Only latents whose batch maximum beats their current N-th key are touched, and an
+        admitted image is written into a slot freed by an evicted one, so stored entries
+        never move and only the new heatmaps are copied.
+        """
+        key = self.key[(layer, group)]
+        batch_key = new_key.T  # [F, n]
+        rows = (new_key.max(0).values > key.min(1).values).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return
+        both = torch.cat([key[rows], batch_key[rows]], dim=1)  # [R, N + n]
+        pick = both.topk(self.n_top, dim=1, sorted=False).indices
+        chosen = torch.zeros_like(both, dtype=torch.bool).scatter_(1, pick, True)
+        free = (~chosen[:, : self.n_top]).nonzero()  # (row, slot), row-major
+        incoming = chosen[:, self.n_top :].nonzero()  # (row, image in batch), row-major
+        # per row, as many slots are freed as images come in: pair them in order
+        row, slot, src = rows[free[:, 0]], free[:, 1], incoming[:, 1]
+        entries = self.entries[(layer, group)]
+        key[row, slot] = batch_key[row, src]
+        entries.value[row, slot] = new_value[src, row]
+        entries.image[row, slot] = image_ids[src]
+        entries.token[row, slot] = new_token[src, row].to(torch.int32)
+        entries.heatmap[row, slot] = z[src, :, row].to(torch.float16)  # [P, T]
 
     def finish(self) -> dict[tuple[int, str], TopEntries]:
-        """The kept entries; slots whose activation is 0 (or never filled) get image -1."""
+        """The kept entries sorted best first (CPU); slots whose activation is 0 (or that
+        were never filled) get image -1."""
         out = {}
         for (layer, group), entries in self.entries.items():
-            empty = (self.key[(layer, group)] <= 0) | (entries.image < 0)
+            key, order = self.key[(layer, group)].sort(dim=1, descending=True, stable=True)
+            heat_order = order[:, :, None].expand(-1, -1, self.n_tokens)
+            value, image, token, heatmap = (
+                entries.value.gather(1, order),
+                entries.image.gather(1, order),
+                entries.token.gather(1, order),
+                entries.heatmap.gather(1, heat_order),
+            )
+            empty = (key <= 0) | (image < 0)
             out[(layer, group)] = TopEntries(
-                entries.value.masked_fill(empty, 0.0).cpu(),
-                entries.image.masked_fill(empty, -1).cpu(),
-                entries.token.masked_fill(empty, 0).cpu(),
-                entries.heatmap.masked_fill(empty[:, :, None], 0.0).cpu(),
+                value.masked_fill(empty, 0.0).cpu(),
+                image.masked_fill(empty, -1).cpu(),
+                token.masked_fill(empty, 0).cpu(),
+                heatmap.masked_fill(empty[:, :, None], 0.0).cpu(),
             )
         return out
 
