@@ -6,7 +6,7 @@ What is timed:
   forward, CLT encode per layer, top-N store, counters, per-latent contributions on every
   image, as for the first `contribution_images` images of a real pass);
   ``features_pass_steady``: the same with contributions limited to the first image, i.e.
-  what every image after the first 256 costs. The baseline, ``teacher_plus_encode``, is
+  what every image after the first `contribution_images` (64) costs. The baseline, ``teacher_plus_encode``, is
   the floor any such pass has: `Teacher.run_blocks` (recording every layer) plus
   `encode_layer` for every layer, over the same DataLoader of pre-made image tensors. The
   three are interleaved, the median of the repeats reported; ``ratio`` = pass / baseline.
@@ -18,8 +18,8 @@ What is timed:
   synthetic store tensors, 500 distinct 224 px images, 96 px thumbnails): seconds and MB.
 
 Shapes: full = a randomly initialised open_clip ViT-B-32 teacher (12 layers, d = 768,
-T = 50) and a CLT with the paper's F = 12,288 and ReLU-TopK k = 128, 32 images in batches
-of 16; quick = the tiny test teacher, F = 64, 8 images. fp32 on the CPU, torch's default
+T = 50) and a CLT with the paper's F = 12,288 and ReLU-TopK k = 128, 16 images in batches
+of 8; quick = the tiny test teacher, F = 64, 8 images. fp32 on the CPU, torch's default
 thread count (recorded as ``threads``).
 """
 
@@ -49,8 +49,8 @@ FULL = {
     "model": "ViT-B-32",
     "n_latents": 12_288,
     "k": 128,
-    "n_images": 32,
-    "batch": 16,
+    "n_images": 16,
+    "batch": 8,
     "repeats": 2,
 }
 QUICK = {"model": "tiny", "n_latents": 64, "k": 8, "n_images": 8, "batch": 4, "repeats": 1}
@@ -241,4 +241,5 @@ def site_row(quick: bool) -> dict[str, Any]:
 
 def run(quick: bool = False) -> list[dict[str, Any]]:
     """All rows (see the module docstring)."""
-    return [*pass_rows(QUICK if quick else FULL), store_row(), site_row(quick)]
+    store = store_row()  # first: its RSS growth is not hidden by memory freed by the others
+    return [*pass_rows(QUICK if quick else FULL), store, site_row(quick)]
