@@ -193,8 +193,8 @@ const CLT = (() => {
       const thumbs = el("td", { class: "thumbs" }, el("a", { href }, images));
       body.append(el("tr", {},
         thumbs, el("td", {}, el("a", { href }, state.layer + "/" + i)), el("td", {}, pct(table.freq[i])),
-        el("td", {}, pct(table.cls_freq[i])), el("td", {}, pct(table.img_freq[i])), el("td", {}, fmt(table.mean[i])),
-        el("td", {}, fmt(table.max[i])), el("td", {}, fmt(table.dist[i], 2)),
+        el("td", {}, pct(table.cls_freq[i])), el("td", {}, pct(table.img_freq[i])), el("td", {}, table.freq[i] ? fmt(table.mean[i]) : "–"),
+        el("td", {}, table.freq[i] ? fmt(table.max[i]) : "–"), el("td", {}, fmt(table.dist[i], 2)),
         el("td", {}, el("span", { class: "bar", style: "width:" + Math.round(60 * (table.local[i] || 0)) + "px" }), " " + pct(table.local[i])),
         el("td", {}, flags(summary, table.freq[i]))));
     });
@@ -339,7 +339,7 @@ const CLT = (() => {
     });
     root.append(svg("line", { x1: left, x2: left + plotW, y1: zero, y2: zero, class: "axis" }));
     root.append(svg("line", { x1: left, x2: left, y1: top, y2: top + plotH, class: "axis" }));
-    root.append(svg("text", { x: left - 4, y: top + 8, "text-anchor": "end" }, (opts.format || fmt)(max)));
+    root.append(svg("text", { x: left - 4, y: top + 8, "text-anchor": "end" }, max > 1e-29 ? (opts.format || fmt)(max) : "0"));
     root.append(svg("text", { x: left - 4, y: zero + 4, "text-anchor": "end" }, "0"));
     const every = Math.ceil(n / 12);
     labels.forEach((lab, i) => { if (i % every === 0) root.append(svg("text", { x: left + i * bw + bw / 2, y: top + plotH + 13, "text-anchor": "middle" }, lab)); });
@@ -352,10 +352,14 @@ const CLT = (() => {
     const box = document.getElementById("hist");
     box.textContent = "";
     const [lo, hi] = summary.histogram_range, n = record.hist.length;
-    const labels = record.hist.map((_, i) => fmt(lo + ((hi - lo) * i) / n, 2));
     const total = record.hist.reduce((a, b) => a + b, 0);
     if (!total) { box.append(el("p", { class: "empty" }, "Never fired: no activations to histogram.")); return; }
-    box.append(barChart(record.hist, labels, { title: "log10 |activation| over the " + total.toLocaleString() + " firing tokens", xlabel: "log10 |activation| (scaled space)", ylabel: "tokens", format: (v) => Math.round(v).toLocaleString(), cls: "histogram" }));
+    // zoom on the populated bins (two empty bins of margin each side)
+    const first = Math.max(0, record.hist.findIndex((c) => c > 0) - 2);
+    const last = Math.min(n - 1, n - 1 - [...record.hist].reverse().findIndex((c) => c > 0) + 2);
+    const counts = record.hist.slice(first, last + 1);
+    const labels = counts.map((_, i) => fmt(lo + ((hi - lo) * (first + i)) / n, 2));
+    box.append(barChart(counts, labels, { title: "log10 |activation| over the " + total.toLocaleString() + " firing tokens", xlabel: "log10 |activation| (scaled space)", ylabel: "tokens", format: (v) => Math.round(v).toLocaleString(), cls: "histogram" }));
   }
 
   function renderWrite(summary, layer, record) {
@@ -396,8 +400,8 @@ const CLT = (() => {
       document.getElementById("next").href = "#" + layer + "/" + Math.min(summary.n_latents - 1, index + 1);
       document.getElementById("back").href = "index.html#" + layer;
       const stats = [["token frequency", pct(table.freq[index])], ["[CLS] frequency", pct(table.cls_freq[index])],
-        ["image frequency", pct(table.img_freq[index])], ["mean act. when active", fmt(table.mean[index])],
-        ["max activation", fmt(table.max[index])], ["write distance (layers)", fmt(table.dist[index], 2)], ["local write share", pct(table.local[index])]];
+        ["image frequency", pct(table.img_freq[index])], ["mean act. when active", table.freq[index] ? fmt(table.mean[index]) : "–"],
+        ["max activation", table.freq[index] ? fmt(table.max[index]) : "–"], ["write distance (layers)", fmt(table.dist[index], 2)], ["local write share", pct(table.local[index])]];
       const box = document.getElementById("stats");
       box.textContent = "";
       stats.forEach(([k, v]) => box.append(el("div", { class: "stat" }, el("div", { class: "v" }, v), el("div", { class: "k" }, k))));
