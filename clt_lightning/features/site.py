@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from clt_lightning.features import effects
+from clt_lightning.features.store import LAYER_TENSORS, layer_columns
 from clt_lightning.features.topk import GROUPS
 from clt_lightning.files import atomic_write_bytes, atomic_write_text
 
@@ -78,41 +78,31 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
+COLUMNS = {
+    "freq": "token_frequency",
+    "cls_freq": "cls_frequency",
+    "img_freq": "image_frequency",
+    "mean": "mean_activation",
+    "max": "max_activation",
+    "dist": "write_distance",
+    "local": "local_share",
+    "top": "top_images",
+}
+"""Short keys of the index table's columns in the data files -> `store.layer_columns` keys."""
+
+
 def layer_tables(
     tensors: dict[str, torch.Tensor], manifest: dict[str, Any]
 ) -> list[dict[str, np.ndarray]]:
-    """Per layer, the per-latent columns the index table shows ([F] arrays)."""
-    n_images, n_tokens = manifest["n_images"], manifest["n_tokens"]
-    fired = (tensors["fired_cls"] + tensors["fired_patches"]).numpy()
-    best = torch.stack([tensors[f"top_value_{g}"][:, :, 0].abs() for g in GROUPS]).amax(0)
-    distance = effects.write_distance(tensors["write_share"]).numpy()
+    """Per layer, the per-latent columns the index table shows ([F] arrays, top [F, 3])."""
     tables = []
     for s in range(manifest["n_layers"]):
-        tables.append(
-            {
-                "freq": fired[s] / n_tokens,
-                "cls_freq": tensors["fired_cls"][s].numpy() / n_images,
-                "img_freq": tensors["fired_images"][s].numpy() / n_images,
-                "mean": tensors["activation_sum"][s].numpy() / np.maximum(fired[s], 1),
-                "max": best[s].numpy(),
-                "dist": distance[s],
-                "local": tensors["write_share"][s, :, s].numpy(),
-            }
+        t = {name: tensors[name][s] for name in LAYER_TENSORS}
+        columns = layer_columns(
+            t, s, manifest["n_layers"], manifest["n_images"], manifest["n_tokens"]
         )
+        tables.append({short: columns[name].numpy() for short, name in COLUMNS.items()})
     return tables
-
-
-def top_images(tensors: dict[str, torch.Tensor], layer: int, k: int = 3) -> np.ndarray:
-    """[F, k] distinct best image ids of each latent over both groups (-1 = none)."""
-    value = torch.cat([tensors[f"top_value_{g}"][layer].abs() for g in GROUPS], 1)
-    image = torch.cat([tensors[f"top_image_{g}"][layer] for g in GROUPS], 1)
-    value = torch.where(image >= 0, value, -1.0)
-    image = image.gather(1, value.argsort(1, descending=True)).numpy()
-    out = np.full((image.shape[0], k), -1, dtype=np.int64)
-    for i, row in enumerate(image):
-        distinct = list(dict.fromkeys(int(x) for x in row if x >= 0))[:k]
-        out[i, : len(distinct)] = distinct
-    return out
 
 
 def summary_payload(
@@ -152,9 +142,10 @@ def summary_payload(
     )
 
 
-def layer_payload(table: dict[str, np.ndarray], top: np.ndarray) -> dict[str, Any]:
+def layer_payload(table: dict[str, np.ndarray]) -> dict[str, Any]:
     """The index table of one layer (column arrays of F values)."""
-    return _clean({**{k: _rounded(v) for k, v in table.items()}, "top": top.tolist()})
+    columns = {k: _rounded(v) for k, v in table.items() if k != "top"}
+    return _clean({**columns, "top": table["top"].tolist()})
 
 
 def _heat_block(heatmaps: np.ndarray) -> tuple[str, list]:
@@ -311,7 +302,7 @@ def write_site(
     n_layers, n_latents = manifest["n_layers"], manifest["n_latents"]
     steps = tqdm(total=n_layers * n_latents, desc="site", disable=not progress)
     for s in range(n_layers):
-        table = layer_payload(tables[s], top_images(tensors, s))
+        table = layer_payload(tables[s])
         atomic_write_text(data / f"layer_{s:02d}.js", _js(f"layer/{s}", table))
         shown |= write_chunks(data, tensors, s, labels, steps)
     steps.close()

@@ -131,6 +131,54 @@ def write_store(folder: Path, tensors: dict[str, Tensor], manifest: dict[str, An
     (folder / WRITING).unlink(missing_ok=True)
 
 
+LAYER_TENSORS = ["fired_cls", "fired_patches", "fired_images", "activation_sum", "write_share"]
+LAYER_TENSORS += [f"top_{k}_{g}" for g in GROUPS for k in ("value", "image")]
+"""The tensors `layer_columns` reads (sliced at one layer)."""
+
+
+def layer_columns(
+    t: dict[str, Tensor], layer: int, n_layers: int, n_images: int, n_tokens: int
+) -> dict[str, Tensor]:
+    """Per-latent summary of one layer from that layer's slices of `LAYER_TENSORS`.
+
+    Returns:
+        [F] token_frequency, cls_frequency, patch_frequency, image_frequency,
+        mean_activation (0 when never active), max_activation (|value| of the best entry),
+        write_distance, local_share, and top_images [F, 3] (best distinct image ids over
+        both groups, -1 = none).
+    """
+    from clt_lightning.features.effects import write_distance
+
+    fired = t["fired_cls"] + t["fired_patches"]
+    best = torch.stack([t[f"top_value_{g}"][:, 0].abs() for g in GROUPS], 1)
+    share = torch.zeros(n_layers, *t["write_share"].shape)
+    share[layer] = t["write_share"]
+    return {
+        "token_frequency": fired / n_tokens,
+        "cls_frequency": t["fired_cls"] / n_images,
+        "patch_frequency": t["fired_patches"] / max(1, n_tokens - n_images),
+        "image_frequency": t["fired_images"] / n_images,
+        "mean_activation": t["activation_sum"] / fired.clamp_min(1),
+        "max_activation": best.max(1).values,
+        "write_distance": write_distance(share)[layer],
+        "local_share": t["write_share"][:, layer],
+        "top_images": best_images(t, 3),
+    }
+
+
+def best_images(t: dict[str, Tensor], k: int) -> Tensor:
+    """[F, k] the best distinct image ids of each latent over both groups (by |value|)."""
+    value = torch.cat([t[f"top_value_{g}"].abs() for g in GROUPS], 1)
+    image = torch.cat([t[f"top_image_{g}"] for g in GROUPS], 1)
+    value = torch.where(image >= 0, value, -1.0)
+    image = image.gather(1, value.argsort(1, descending=True))
+    out = torch.full((image.shape[0], k), -1, dtype=torch.int32)
+    for i, row in enumerate(image.tolist()):
+        distinct = list(dict.fromkeys(x for x in row if x >= 0))[:k]
+        out[i, : len(distinct)] = torch.tensor(distinct, dtype=torch.int32)
+    return out
+
+
 @dataclass
 class TopImage:
     """One of a latent's top images."""
@@ -234,49 +282,12 @@ class FeatureStore:
         return name in self.manifest["tensors"]
 
     def layer_table(self, layer: int) -> dict[str, Tensor]:
-        """Per-latent summary of one layer (all [F] unless noted).
-
-        Returns:
-            token_frequency, cls_frequency, patch_frequency, image_frequency,
-            mean_activation, max_activation, write_distance, local_share, top_images
-            ([F, 3] image ids of the best "all" entries, -1 = none).
-        """
-        from clt_lightning.features.effects import write_distance
-
+        """Per-latent summary of one layer (`layer_columns`)."""
         self._check(layer)
-        names = ["fired_cls", "fired_patches", "fired_images", "activation_sum", "write_share"]
-        names += [f"top_{k}_{g}" for g in GROUPS for k in ("value", "image")]
-        t = self.tensors(names, layer)
-        n_images, n_tokens = self.manifest["n_images"], self.manifest["n_tokens"]
-        fired = t["fired_cls"] + t["fired_patches"]
-        best = torch.stack([t[f"top_value_{g}"][:, 0].abs() for g in GROUPS], 1)
-        share = torch.zeros(self.n_layers, *t["write_share"].shape)
-        share[layer] = t["write_share"]
-        return {
-            "token_frequency": fired / n_tokens,
-            "cls_frequency": t["fired_cls"] / n_images,
-            "patch_frequency": t["fired_patches"] / max(1, n_tokens - n_images),
-            "image_frequency": t["fired_images"] / n_images,
-            "mean_activation": t["activation_sum"] / fired.clamp_min(1),
-            "max_activation": best.max(1).values,
-            "write_distance": write_distance(share)[layer],
-            "local_share": t["write_share"][:, layer],
-            "top_images": self._top_image_ids(t, 3),
-        }
-
-    @staticmethod
-    def _top_image_ids(t: dict[str, Tensor], k: int) -> Tensor:
-        """[F, k] the best distinct image ids over both groups (by |value|)."""
-        value = torch.cat([t[f"top_value_{g}"].abs() for g in GROUPS], 1)
-        image = torch.cat([t[f"top_image_{g}"] for g in GROUPS], 1)
-        value = torch.where(image >= 0, value, -1.0)
-        order = value.argsort(1, descending=True)
-        image = image.gather(1, order)
-        out = torch.full((image.shape[0], k), -1, dtype=torch.int32)
-        for i, row in enumerate(image.tolist()):
-            distinct = list(dict.fromkeys(x for x in row if x >= 0))[:k]
-            out[i, : len(distinct)] = torch.tensor(distinct, dtype=torch.int32)
-        return out
+        t = self.tensors(LAYER_TENSORS, layer)
+        return layer_columns(
+            t, layer, self.n_layers, self.manifest["n_images"], self.manifest["n_tokens"]
+        )
 
     def latent(self, layer: int, index: int) -> LatentRecord:
         """The record of latent `index` of source layer `layer`.
