@@ -264,6 +264,7 @@ def build_features(
         CheckpointMismatchError: The CLT does not fit the teacher.
     """
     check_compatible(teacher, clt)
+    pass_images(dataset, config)  # an empty split is refused before anything is written
     folder = Path(output_dir)
     identity = dataset.identity() if callable(getattr(dataset, "identity", None)) else {}
     fingerprints = {

@@ -294,7 +294,7 @@ def test_split_without_images(digits, tmp_path) -> None:
         build_features(
             teacher, make_clt(), Empty(), "digits", config(), tmp_path / "f", progress=False
         )
-    assert not (tmp_path / "f" / "features.json").exists()
+    assert not (tmp_path / "f").exists()  # refused before anything was written
 
 
 def test_folder_of_another_clt_is_refused_then_overwritten(digits, tmp_path) -> None:
