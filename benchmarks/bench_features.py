@@ -5,8 +5,8 @@ What is timed:
 - ``features_pass``: `features.collect.collect` over a fixed set of images (teacher
   forward, CLT encode per layer, top-N store, counters, per-latent contributions on every
   image, as for the first `contribution_images` images of a real pass);
-  ``features_pass_steady``: the same with contributions limited to the first image, i.e.
-  what every image after the first `contribution_images` (64) costs. The baseline, ``teacher_plus_encode``, is
+  ``features_pass_steady``: the same without contributions (``contribution_images=0``),
+  i.e. what every image after the first `contribution_images` (64) costs. The baseline, ``teacher_plus_encode``, is
   the floor any such pass has: `Teacher.run_blocks` (recording every layer) plus
   `encode_layer` for every layer, over the same DataLoader of pre-made image tensors. The
   three are interleaved, the median of the repeats reported; ``ratio`` = pass / baseline.
@@ -18,7 +18,7 @@ What is timed:
   synthetic store tensors, 500 distinct 224 px images, 96 px thumbnails): seconds and MB.
 
 Shapes: full = a randomly initialised open_clip ViT-B-32 teacher (12 layers, d = 768,
-T = 50) and a CLT with the paper's F = 12,288 and ReLU-TopK k = 128, 16 images in batches
+T = 50) and a CLT with the paper's F = 12,288 and ReLU-TopK k = 128, 32 images in batches
 of 8; quick = the tiny test teacher, F = 64, 8 images. fp32 on the CPU, torch's default
 thread count (recorded as ``threads``).
 """
@@ -49,7 +49,7 @@ FULL = {
     "model": "ViT-B-32",
     "n_latents": 12_288,
     "k": 128,
-    "n_images": 16,
+    "n_images": 32,
     "batch": 8,
     "repeats": 2,
 }
@@ -107,7 +107,7 @@ def pass_rows(shape: dict) -> list[dict[str, Any]]:
     settings = {"batch_size": shape["batch"], "site": False, "classifier_cache": None}
     configs = {
         "features_pass": FeaturesConfig(**settings),
-        "features_pass_steady": FeaturesConfig(contribution_images=1, **settings),
+        "features_pass_steady": FeaturesConfig(contribution_images=0, **settings),
     }
     times: dict[str, list[float]] = {"teacher_plus_encode": [], **{k: [] for k in configs}}
     warm = Images(images[:2], torch.zeros(2, dtype=torch.long))

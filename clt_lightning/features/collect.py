@@ -57,7 +57,7 @@ class FeaturesConfig:
         batch_size: Images per teacher forward.
         num_workers: DataLoader workers decoding images.
         contribution_images: Images (the first of the pass) the per-latent contribution
-            scores are averaged over; None = all images (costs about a decode per token).
+            scores are averaged over; None = all images, 0 = none (the scores are NaN).
         histogram_bins: Bins of the log10 |activation| histogram.
         histogram_range: [lo, hi] of that histogram in log10 units.
         dense_threshold: Token frequency above which the site marks a latent dense.
@@ -90,10 +90,12 @@ class FeaturesConfig:
                 raise ConfigError(
                     f"latents.{key} must be an integer >= 1, got {getattr(self, key)!r}"
                 )
-        for key in ("max_images", "contribution_images"):
+        for key, least in (("max_images", 1), ("contribution_images", 0)):
             value = getattr(self, key)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ConfigError(f"latents.{key} must be an integer >= 1 or null, got {value!r}")
+            if value is not None and (not isinstance(value, int) or value < least):
+                raise ConfigError(
+                    f"latents.{key} must be an integer >= {least} or null, got {value!r}"
+                )
         lo, hi = (float(v) for v in self.histogram_range)
         if not lo < hi:
             raise ConfigError(
