@@ -367,7 +367,12 @@ const CLT = (() => {
     box.textContent = "";
     const labels = record.share.map((_, j) => String(layer + j));
     box.append(barChart(record.share, labels, { title: "Share of decoder norm per target layer", xlabel: "target layer l", ylabel: "share", format: pct, cls: "write-profile" }));
-    box.append(barChart(record.contrib, labels, { title: "Mean contribution to y_hat_l (" + (summary.contribution_images || "all") + " images)", xlabel: "target layer l", ylabel: "contribution", colour: "#d9480f", cls: "contribution" }));
+    const n = summary.contribution_images;
+    if (n) {
+      box.append(barChart(record.contrib, labels, { title: "Mean contribution to y_hat_l (" + n + " images)", xlabel: "target layer l", ylabel: "contribution", colour: "#d9480f", cls: "contribution" }));
+    } else {
+      box.append(el("p", { class: "empty contribution" }, "Mean contributions not computed (latents.contribution_images = 0)."));
+    }
     box.append(el("p", { class: "hint" }, "Raw decoder norms ‖W_dec[" + layer + "→l]‖: " + record.write.map((v) => fmt(v)).join(", ")));
   }
 
