@@ -25,7 +25,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export PYTHONHASHSEED := 0
 
-.PHONY: help install test test-slow test-all lint format bench bench-quick quickstart sweep sweep-dry tables clean
+.PHONY: help install browser test test-slow test-all lint format bench bench-quick quickstart sweep sweep-dry tables clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -40,7 +40,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## build .venv in the checkout (torch pinned for this machine) and install the package
 
-test: $(STAMP) ## run the fast test suite (CPU, no downloads)
+browser: ## install Debian's chromium for the latent site's browser test (root or passwordless sudo; failure tolerated)
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then exit 0; fi; \
+	SUDO=$$([ "$$(id -u)" = 0 ] || echo "sudo -n"); \
+	{ $$SUDO apt-get install -y -qq chromium || { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }; } >/dev/null 2>&1 \
+	  || echo "make browser: could not install chromium; the latent site's browser test will be skipped"
+
+test: $(STAMP) browser ## run the fast test suite (CPU, no downloads; tries `make browser` first)
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP) ## run only the tests marked slow

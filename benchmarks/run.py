@@ -303,6 +303,45 @@ def _suite_targets(results: dict[str, Rows]) -> list[Verdict]:
     ]
 
 
+def _features_targets(results: dict[str, Rows]) -> list[Verdict]:
+    rows = _rows_named(results, "features")
+    steady, first = rows.get("features_pass_steady"), rows.get("features_pass")
+    store, built = rows.get("topk_store"), rows.get("site_build")
+    verdicts = []
+    if steady is None or first is None:
+        verdicts.append(Verdict("features pass <= 1.5x teacher forward + encode", "n/a", None))
+    else:
+        verdicts.append(
+            Verdict(
+                "features pass <= 1.5x the teacher forward + CLT encode (top-N, counters)",
+                f"{_ratio(steady['ratio'])}; {_ratio(first['ratio'])} on the first 64 images "
+                "(per-latent contributions); a 10,000-image pass averages "
+                f"{_ratio((64 * first['ratio'] + 9936 * steady['ratio']) / 10_000)}",
+                steady["ratio"] <= 1.5,
+            )
+        )
+    if store is not None:
+        verdicts.append(
+            Verdict(
+                "top-N store memory at the paper shape measured",
+                f"{store['entries']:,} entries, {_bytes(store['bytes_held'])} held "
+                f"(formula {_bytes(store['bytes_formula'])}, RSS +"
+                f"{_bytes(store['rss_growth_bytes'])}); B/16: {_bytes(store['bytes_formula_b16'])}",
+                store["bytes_held"] == store["bytes_formula"],
+            )
+        )
+    if built is not None:
+        verdicts.append(
+            Verdict(
+                "site for 12 x 1,024 latents builds in seconds (<= 60 s)",
+                f"{built['seconds']:.1f} s ({built['site_mb']:.0f} MB, {built['thumbnails']} "
+                f"thumbnails; rebuild reusing them {built['rebuild_seconds']:.1f} s)",
+                built["seconds"] <= 60,
+            )
+        )
+    return verdicts
+
+
 def _data_ratio(row: dict, results: dict[str, Rows]) -> str:
     step = _rows_named(results, "train_step").get("train_step_relu_topk_sparse")
     if step is None or "tokens_per_s" not in row:
@@ -571,6 +610,37 @@ SPECS: dict[str, Spec] = {
             ("n x dim", lambda r: f"{r.get('n', '-')} x {r.get('dim', '-')}"),
         ],
     ),
+    "features": Spec(
+        title="Latent dashboards: the `clt features` pass, its store, its site",
+        short=(
+            "`clt features`: the pass against the teacher forward + CLT encode it cannot "
+            "avoid, the top-N store's memory at the paper shape, the site's build time."
+        ),
+        about=(
+            "`benchmarks/bench_features.py`. `teacher_plus_encode` is the floor of any "
+            "latent pass: the teacher forward recording every layer plus `encode_layer` for "
+            "every layer. `features_pass_steady` is `features.collect.collect` as it runs "
+            "for every image after the first `contribution_images` (default 64): top-N "
+            "store with heatmaps, counters, histograms. `features_pass` adds the per-latent "
+            "contribution scores (a CLT forward and one sparse product per source layer) on "
+            "every image, as for the first 64 images of a pass. "
+            "Interleaved repeats, median; ratio = seconds / floor. `topk_store` allocates "
+            "the top-N store at the paper shape (12 x 12,288 latents x 16 images x 2 token "
+            "groups, T = 50). `site_build` writes the static site for 12 x 1,024 latents "
+            "from synthetic store tensors (500 thumbnails), then rebuilds it reusing them."
+        ),
+        columns=[
+            ("row", _get("name")),
+            ("s", _get("seconds")),
+            ("images/s", _get("images_per_s")),
+            ("ratio", _get("ratio", _ratio)),
+            ("entries", _get("entries")),
+            ("bytes held", _get("bytes_held", _bytes)),
+            ("site MB", _get("site_mb")),
+            ("shape", _get("shape")),
+        ],
+        targets=_features_targets,
+    ),
 }
 BENCHMARKS = (
     "train_step",
@@ -581,6 +651,7 @@ BENCHMARKS = (
     "data",
     "cascade",
     "suite",
+    "features",
     "decode",
     "retrieval",
 )

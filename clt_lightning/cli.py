@@ -8,6 +8,7 @@ file, so the teacher and dataset are written down once:
     clt evaluate --config configs/cifar100_b32_relu_topk.yaml --ckpt_path runs/.../last.ckpt
     clt retrieve --config ... --ckpt_path ... --retrieval.query_index 3
     clt export   --config ... --ckpt_path ... --output_dir exported/
+    clt features --config ... --ckpt_path ...              # latent store + static site
 
 The extra subcommands are methods of `CLTTrainer`, which is how LightningCLI builds a
 subcommand parser from a signature; they only coordinate, the work lives in the package.
@@ -43,6 +44,7 @@ from clt_lightning.checkpointing import (  # noqa: E402
 from clt_lightning.data.datamodule import ActivationDataModule  # noqa: E402
 from clt_lightning.errors import CLTError, ConfigError  # noqa: E402
 from clt_lightning.evaluation.suite import EvaluationConfig  # noqa: E402
+from clt_lightning.features.collect import FeaturesConfig  # noqa: E402
 from clt_lightning.files import (  # noqa: E402
     is_disk_full,
     require_folder,
@@ -120,6 +122,26 @@ class CLTTrainer(Trainer):
         commands.export(datamodule.teacher_config, ckpt_path, output_dir, format)
         log.info("exported %s to %s (%s)", ckpt_path, output_dir, format)
 
+    def features(
+        self,
+        model: CLTModule,
+        datamodule: ActivationDataModule,
+        ckpt_path: str,
+        latents: FeaturesConfig = FeaturesConfig(),
+    ) -> None:
+        """Latent dashboards: top images, frequencies, write profiles, a static site.
+
+        Args:
+            ckpt_path: Checkpoint written by `clt fit`.
+            latents: What to compute and where to write it (docs/features.md).
+        """
+        from clt_lightning.features.collect import run_command
+
+        folder = run_command(
+            datamodule.teacher_config, datamodule.dataset_config, ckpt_path, latents
+        )
+        print(f"latent site: {folder / 'index.html'}")
+
 
 class CLTLightningCLI(LightningCLI):
     """LightningCLI with the project's defaults and subcommands."""
@@ -132,6 +154,7 @@ class CLTLightningCLI(LightningCLI):
             evaluate={"model", "datamodule"},
             retrieve={"model", "datamodule"},
             export={"model", "datamodule"},
+            features={"model", "datamodule"},
         )
         return commands
 

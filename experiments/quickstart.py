@@ -9,9 +9,10 @@ Steps (each resumable; a rerun skips what is finished):
    of the val digits) and at the end of fit (all of them, what `clt evaluate` computes),
    and build the layer-wise retrieval grids ([CLS] and patch codes) for two digits: the
    same path as a paper run;
-4. the report: `reports/quickstart/report.md`, built from what those callbacks wrote: the
+4. `clt features`: the latent store and browsable site of the ReLU-TopK CLT;
+5. the report: `reports/quickstart/report.md`, built from what those callbacks wrote: the
    tables the paper shows (cascaded replacement, faithfulness, ablations, reconstruction),
-   every figure, and how the numbers moved during training.
+   every figure, how the numbers moved during training, and a link to the latent site.
 
 Usage: `python -m experiments.quickstart [--runs runs/quickstart] [--out reports/quickstart]
 [--max-epochs N] [--sparsifiers relu_topk,...] [--n-images N]`.
@@ -124,6 +125,18 @@ def run_one(sparsifier: str, opts: argparse.Namespace, common: list[str]) -> Non
     (root / "FIT_DONE").touch()
 
 
+def run_features(opts: argparse.Namespace, common: list[str], sparsifier: str) -> None:
+    """`clt features`: the latent site of one CLT in `<runs>/<sparsifier>/features` (the
+    run's own folder: a refit CLT replaces it)."""
+    root = Path(opts.runs) / sparsifier
+    args = ["features", "--config", opts.config, *common]
+    args += ["--ckpt_path", str(root / "checkpoints" / "last.ckpt")]
+    args += ["--latents.output_dir", str(root / "features"), "--latents.overwrite", "true"]
+    if opts.n_images is not None:
+        args += ["--latents.max_images", str(opts.n_images)]
+    clt(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     opts = parse_args(argv)
@@ -149,6 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         step = time.perf_counter()
         run_one(sparsifier, opts, common)
         timings[sparsifier] = time.perf_counter() - step
+    step = time.perf_counter()
+    run_features(opts, common, "relu_topk" if "relu_topk" in sparsifiers else sparsifiers[0])
+    timings["features"] = time.perf_counter() - step
     timings["total"] = time.perf_counter() - start
     report = write_report(
         Path(opts.runs), Path(opts.out), teacher_record(opts.teacher_dir), timings

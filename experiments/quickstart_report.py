@@ -11,6 +11,7 @@ baseline row, windows "s→L-1".
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -253,6 +254,23 @@ def write_report(
         "## Layer-wise retrieval (paper: Figures 4-5)\n\n"
         + "\n\n".join(image(p, "retrieval") for p in figures["retrieval"]),
     ]
+    sections.append(features_section(runs_dir, out))
     if loaded.problems:
         sections.append("## Problems\n\n" + "\n".join(f"- {p}" for p in loaded.problems))
     return atomic_write_text(out / "report.md", "\n\n".join(sections) + "\n")
+
+
+def features_section(runs_dir: Path, out: Path) -> str:
+    """A link to the latent site `clt features` wrote for the ReLU-TopK CLT (docs/features.md)."""
+    sites = [runs_dir / s / "features" / "index.html" for s in ("relu_topk", *NAMES)]
+    site = next((p for p in sites if p.is_file()), None)
+    if site is None:
+        return "## Latent dashboards\n\nNo latent site was built (`clt features`)."
+    name = NAMES.get(site.parent.parent.name, site.parent.parent.name)
+    link = os.path.relpath(site.resolve(), out.resolve())
+    return (
+        "## Latent dashboards\n\n"
+        f"[Browse the {name} CLT's latents]({link}): top digits with patch heatmaps, "
+        "activation histograms, cross-layer write profiles and the direct effect on the "
+        "digit classes (opens from disk; docs/features.md)."
+    )

@@ -373,9 +373,16 @@ def test_checkpoint_of_another_shape(config, other_shape_checkpoint, capsys):
                  name="checkpoint of another shape (fit)")  # fmt: skip
     expect_error(capsys, ["evaluate", "--config", config(), "--ckpt_path", ckpt],
                  "d_model=8", "d_model=32", name="checkpoint of another shape (evaluate)")  # fmt: skip
+    out = other_shape_checkpoint.parent / "features_out"
+    expect_error(capsys, ["features", "--config", config(), "--ckpt_path", ckpt,
+                          "--latents.output_dir", str(out)],
+                 "d_model=8", "d_model=32", name="checkpoint of another shape (features)")  # fmt: skip
+    assert not out.exists()  # refused before anything was written
 
 
-@pytest.mark.parametrize("command", ["fit", "validate", "evaluate", "retrieve", "export"])
+@pytest.mark.parametrize(
+    "command", ["fit", "validate", "evaluate", "retrieve", "export", "features"]
+)
 def test_unreadable_checkpoints(command, config, tmp_path, capsys):
     marker = tmp_path / "pickle_was_executed"
 

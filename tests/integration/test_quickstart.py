@@ -53,7 +53,10 @@ def _check_outputs(
     assert "training_curves.png" in text
     for image in images:
         assert (report.parent / image).is_file(), image
+    sites = re.findall(r"\]\(([^)]*index\.html)\)", text)  # the latent site's link
+    assert sites and (report.parent / sites[0]).resolve().is_file(), sites
     for heading in (
+        "Latent dashboards",
         "Cascaded replacement",
         "Faithfulness",
         "Contribution scores",
