@@ -164,14 +164,16 @@ def collect(
     contributions = effects.LatentContributions(clt)
     budget = len(ids) if config.contribution_images is None else config.contribution_images
     sigma_sum, sigma_count, seen = 0.0, 0, 0
+    has_ln_post = hasattr(teacher.backbone, "visual")  # open_clip ViT: the head linearised
     loader = DataLoader(images, batch_size=config.batch_size, num_workers=config.num_workers)
     for batch in tqdm(loader, desc="features", disable=not progress):
         pixels = batch[0] if isinstance(batch, list | tuple) else batch
         n = pixels.shape[0]
         image_ids = torch.tensor(ids[seen : seen + n], device=device)
         out = teacher.run_blocks(teacher.embed(pixels), record=True)
-        sigma = effects.ln_post_scale(teacher, out.h)
-        sigma_sum, sigma_count = sigma_sum + float(sigma.sum()), sigma_count + sigma.numel()
+        if has_ln_post:
+            sigma = effects.ln_post_scale(teacher, out.h)
+            sigma_sum, sigma_count = sigma_sum + float(sigma.sum()), sigma_count + sigma.numel()
         for layer in range(n_layers):
             z = clt.encode_layer(layer, out.x[layer].to(clt.W_enc.dtype)).float()  # [n, T, F]
             top.update(layer, z, image_ids)
@@ -221,8 +223,11 @@ def add_direct_effect(
     Returns:
         The class names used ([] when skipped, with the reason logged).
     """
-    if not callable(getattr(teacher.clip, "encode_text", None)):
-        log.info("features: the teacher has no text tower; no direct effect on classes")
+    if not teacher.has_text_tower or not hasattr(teacher.backbone, "visual"):
+        log.info(
+            "features: direct effects on classes need an open_clip ViT with a text tower "
+            "(its ln_post + proj head); skipped for this teacher"
+        )
         return []
     try:
         names = zeroshot.class_names_for(dataset_name, dataset)

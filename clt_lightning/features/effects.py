@@ -131,14 +131,15 @@ def ln_post_scale(teacher: torch.nn.Module, h: Tensor) -> Tensor:
     """Per pooled vector, the standard deviation ln_post divides by.
 
     Args:
-        teacher: The Teacher (reads `visual.ln_post`, `pool_type`, `final_ln_after_pool`).
+        teacher: The Teacher of an open_clip ViT (reads its tower's `ln_post`, `pool_type`,
+            `final_ln_after_pool`).
         h: Final residual [N, T, d].
 
     Returns:
         [M] float64: sqrt(var + eps) of each vector ln_post normalises into the embedding
         (the [CLS] token, the mean of the patches, or every patch token).
     """
-    visual = teacher.visual
+    visual = teacher.backbone.visual
     h = h.double()
     if visual.pool_type == "tok":
         vectors = h[:, 0]
@@ -164,7 +165,7 @@ def direct_effect(
     Returns:
         [L, F, C] float32: change of <image embedding, t_c> per unit of activation.
     """
-    visual = teacher.visual
+    visual = teacher.backbone.visual
     last = clt.n_layers - 1
     block = visual.transformer.resblocks[last]
     weight = visual.ln_post.weight.detach().float().cpu()

@@ -207,7 +207,7 @@ def test_direct_effect_equals_explicit_head_computation(digits) -> None:
     teacher, dataset = digits
     clt = make_clt()
     h = brute_force(teacher, clt, dataset)["h"].astype(np.float64)
-    visual = teacher.visual
+    visual = teacher.backbone.visual
     eps = visual.ln_post.eps
     cls = h[:, 0]  # the tiny model pools the [CLS] token
     assert visual.pool_type == "tok"
