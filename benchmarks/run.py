@@ -2,14 +2,15 @@
 
 Usage::
 
-    python -m benchmarks.run [--quick] [--only NAME[,NAME...]] [--out PATH]
+    python -m benchmarks.run [--quick] [--only NAME[,NAME...]] [--render] [--out PATH]
 
 ``make bench`` runs the full suite (each benchmark within its own time budget,
 `BUDGET_S`; about 40 minutes in all on the project's shared 2-core machine) and writes
 ``docs/benchmarks.md``; ``make bench BENCH_ARGS="--only decode,online"`` re-runs some
 benchmarks and re-renders the whole report; ``make bench-quick`` passes ``--quick``: tiny
 shapes that only check that every benchmark runs, reported to a temporary file (its path
-is printed), never to ``docs/``.
+is printed), never to ``docs/``; ``--render`` runs nothing and re-renders the report from
+the stored rows (after editing the prose or the targets here).
 
 Design decisions:
 
@@ -443,7 +444,8 @@ SPECS: dict[str, Spec] = {
             '`decode="dense"` and `decode="sparse"`, steps interleaved, medians reported '
             "(`benchmarks/bench_train_step.py`). Sparse ReLU-/Abs-TopK is the fused path "
             "(layer-by-layer TopK encoder whose backward only touches the kept latents, "
-            "embedding-bag decode, recycled gradient buffers). BatchTopK keeps the dense "
+            "embedding-bag decode, weight gradients as sparse-matrix products, recycled "
+            "gradient buffers). BatchTopK keeps the dense "
             "encoder (its selection spans the batch); JumpReLU decodes densely in training "
             "in both modes by design (its threshold gradient needs dLoss/dz below the "
             "threshold), so its two rows time the same path. Not in the table, measured "
@@ -920,6 +922,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny shapes: check that all run")
     parser.add_argument("--only", default=None, help=f"comma-separated subset of {BENCHMARKS}")
     parser.add_argument("--out", type=Path, default=None, help="report path")
+    parser.add_argument(
+        "--render", action="store_true", help="run nothing: re-render the report from the store"
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -935,8 +940,9 @@ def main(argv: list[str] | None = None) -> int:
         quick_out = tempfile.mkstemp(prefix="benchmarks-quick-", suffix=".md")[1]
         out = Path(quick_out) if args.quick else DEFAULT_OUT
     store_path = out.with_suffix(".json")
-    stored = {} if args.quick or args.only is None else load_store(store_path)
-    fresh = run_benchmarks(names, args.quick, info)
+    keep = args.render or args.only is not None
+    stored = load_store(store_path) if keep and not args.quick else {}
+    fresh = {} if args.render else run_benchmarks(names, args.quick, info)
     stored.update(fresh)
     ordered = {n: stored[n] for n in (*BENCHMARKS, *stored) if n in stored}
     results = {name: entry["rows"] for name, entry in ordered.items()}

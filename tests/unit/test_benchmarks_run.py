@@ -106,6 +106,9 @@ def test_only_reruns_named_benchmarks_and_keeps_the_others(
     report = out.read_text()
     assert "| a_row | 1 |" in report and "| b_row | 20 |" in report
     assert report.index("at git rev1") < report.index("at git rev2")  # per section
+    out.write_text("stale")
+    assert bench_run.main(["--render", "--out", str(out)]) == 0  # runs nothing
+    assert len(calls) == 3 and "| b_row | 20 |" in out.read_text()
     (tmp_path / "bench.json").write_text("[1, 2]")
     with pytest.raises(SystemExit, match="not a benchmark store"):
         bench_run.main(["--only", "b", "--out", str(out)])
