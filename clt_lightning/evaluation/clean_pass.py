@@ -73,10 +73,12 @@ class ReconstructionAccumulator:
         """group -> metric ("mse", "r2", "cosine", "l0") -> per-layer list; a metric the
         group's token count leaves undefined (0 tokens; R^2 with fewer than 2) is
         `Undefined`."""
-        return {g: _defined(m) for g, m in self.metrics.items()}
+        return {g: defined_reconstruction(m) for g, m in self.metrics.items()}
 
 
-def _defined(metric: ReconstructionMetrics) -> dict[str, list]:
+def defined_reconstruction(metric: ReconstructionMetrics) -> dict[str, list]:
+    """metric -> per-layer list of `metric.compute()`, `Undefined` where the token count
+    says so: every metric with 0 tokens, R^2 (a variance) with fewer than 2."""
     n = int(metric.count)
     values = {k: v.tolist() for k, v in metric.compute().items()}
     for name, per_layer in values.items():

@@ -12,7 +12,8 @@ import torch
 
 from clt_lightning.evaluation.ablations import rank_sources, undefined_ranking
 from clt_lightning.evaluation.contributions import ContributionScores
-from clt_lightning.evaluation.suite import CONTRIBUTION_UNDEFINED, _defined_reconstruction
+from clt_lightning.evaluation.clean_pass import defined_reconstruction
+from clt_lightning.evaluation.suite import CONTRIBUTION_UNDEFINED
 from clt_lightning.evaluation.undefined import Undefined, nan_to_undefined, to_json, write_json
 from clt_lightning.metrics import ReconstructionMetrics
 
@@ -23,10 +24,10 @@ def test_reconstruction_r2_of_one_token_is_undefined_not_a_rounding_ratio():
     metric = ReconstructionMetrics(2, 3, sync_on_compute=False)
     y = torch.tensor([[[0.1, 0.2, 0.3], [1.0, 2.0, 3.0]]], dtype=torch.float64)
     metric.update(y + 0.01, y, torch.ones(1, 2))
-    values = _defined_reconstruction(metric)
+    values = defined_reconstruction(metric)
     assert all(isinstance(v, Undefined) and "has 1" in v.reason for v in values["r2"])
     np.testing.assert_allclose(values["mse"], [1e-4, 1e-4], rtol=1e-6)  # defined: a number
-    empty = _defined_reconstruction(ReconstructionMetrics(2, 3, sync_on_compute=False))
+    empty = defined_reconstruction(ReconstructionMetrics(2, 3, sync_on_compute=False))
     assert all(isinstance(v, Undefined) for vs in empty.values() for v in vs)
     converted, reasons = to_json(values)
     assert converted["r2"] == [None, None] and set(reasons) == {"r2[0]", "r2[1]"}
