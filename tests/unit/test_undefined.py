@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from clt_lightning.evaluation.ablations import rank_sources, undefined_ranking
-from clt_lightning.evaluation.contributions import ContributionScores
 from clt_lightning.evaluation.clean_pass import defined_reconstruction
+from clt_lightning.evaluation.contributions import ContributionScores
 from clt_lightning.evaluation.suite import CONTRIBUTION_UNDEFINED
 from clt_lightning.evaluation.undefined import Undefined, nan_to_undefined, to_json, write_json
 from clt_lightning.metrics import ReconstructionMetrics
