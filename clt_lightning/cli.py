@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any, Literal
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -211,7 +212,9 @@ class CLTLightningCLI(LightningCLI):
 
 def check_ckpt_path(config: Any) -> None:
     """Before LightningCLI reads `--ckpt_path`'s hyperparameters: refuse unsafe loading and
-    any file that is not a `clt fit` checkpoint (a cheap, memory-mapped look), naming it."""
+    any file that is not a `clt fit` checkpoint (a cheap, memory-mapped look), naming it.
+    A missing file is left to the subcommand, which names it after the settings are checked
+    (settings errors come first: they need no file)."""
     subcommand = config.get("subcommand")
     if not subcommand:
         return
@@ -219,7 +222,7 @@ def check_ckpt_path(config: Any) -> None:
     refuse_unsafe_loading(settings.get("weights_only"))
     ckpt_path = settings.get("ckpt_path")
     special = ckpt_path in ("last", "best", "hpc") or str(ckpt_path).startswith("registry")
-    if ckpt_path and not special and "://" not in str(ckpt_path):
+    if ckpt_path and not special and "://" not in str(ckpt_path) and Path(ckpt_path).exists():
         read_checkpoint(ckpt_path, mmap=True)
 
 

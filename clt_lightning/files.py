@@ -319,6 +319,11 @@ def commit_folder(
         if keep is not None:
             _carry_over(path, staging, keep)
         _fsync_tree(staging)
+    except DiskSpaceError as error:  # name the output the user asked for, not the staging one
+        shutil.rmtree(staging, ignore_errors=True)
+        raise DiskSpaceError(
+            f"{str(error).replace(str(staging), str(path))} ({what} in {path} unchanged)"
+        ) from error
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -389,7 +389,8 @@ def _pause_between_folder_renames() -> None:
 PAUSES: dict[str, Callable[[], None]] = {
     "cache_after_2_shards": lambda: _pause_after_manifest(2),
     "evaluate_after_1_file": lambda: _pause_after_atomic_writes(
-        "clt_lightning.evaluation.suite", 1
+        "clt_lightning.evaluation.undefined",
+        1,  # the suite's JSON files (`write_json`)
     ),
     "retrieve_after_1_index": _pause_in_index_write,
     "export_after_weights": lambda: _pause_after_atomic_writes("clt_lightning.models.clt", 1),
