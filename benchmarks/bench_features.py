@@ -2,14 +2,20 @@
 
 What is timed:
 
-- ``features_pass``: `features.collect.collect` over a fixed set of images (teacher
-  forward, CLT encode per layer, top-N store, counters, per-latent contributions on every
-  image, as for the first `contribution_images` images of a real pass);
-  ``features_pass_steady``: the same without contributions (``contribution_images=0``),
-  i.e. what every image after the first `contribution_images` (64) costs. The baseline, ``teacher_plus_encode``, is
-  the floor any such pass has: `Teacher.run_blocks` (recording every layer) plus
-  `encode_layer` for every layer, over the same DataLoader of pre-made image tensors. The
-  three are interleaved, the median of the repeats reported; ``ratio`` = pass / baseline.
+- ``features_pass_steady``: `features.collect.collect` over 128 images without the
+  per-latent contributions (``contribution_images=0``), i.e. what every image after the
+  first `contribution_images` (64) of a real pass costs: teacher forward, CLT encode per
+  layer, top-N store, counters. ``features_pass``: the default pass over the same images
+  (contributions on the first 64). The baseline, ``teacher_plus_encode``, is the floor any
+  such pass has: `Teacher.run_blocks` (recording every layer) plus `encode_layer` for every
+  layer, over the same DataLoader of pre-made image tensors. ``ratio`` = pass / baseline.
+- Phases: while the top-16 store fills, most (latent, image) pairs with a non-zero
+  activation enter it (their heatmaps are written); later only the few that beat a
+  latent's 16th value do. ``features_pass_fill`` and ``teacher_plus_encode_fill`` time the
+  first 32 images alone (all fill); ``features_pass_after_fill`` is the difference between
+  the 128- and the 32-image runs (images 33-128), nearer the bulk of a pass of thousands of
+  images. The target is read on the whole 128-image run, fill included (conservative).
+  All runs are interleaved within each repeat; the median of the repeats is reported.
 - ``topk_store``: a `TopNStore` at the paper shape (12 layers x 12,288 latents x N = 16,
   two token groups, T = 50 tokens of ViT-B/32) allocated for real: the bytes its tensors
   hold, the process's RSS growth and `store_bytes`' formula; the B/16 size (T = 197) by
@@ -18,9 +24,9 @@ What is timed:
   synthetic store tensors, 500 distinct 224 px images, 96 px thumbnails): seconds and MB.
 
 Shapes: full = a randomly initialised open_clip ViT-B-32 teacher (12 layers, d = 768,
-T = 50) and a CLT with the paper's F = 12,288 and ReLU-TopK k = 128, 32 images in batches
-of 8; quick = the tiny test teacher, F = 64, 8 images. fp32 on the CPU, torch's default
-thread count (recorded as ``threads``).
+T = 50) and a CLT with the paper's F = 12,288 and ReLU-TopK k = 128, 128 images (32 of them
+the fill phase) in batches of 8; quick = the tiny test teacher, F = 64, 16 images. fp32 on
+the CPU, torch's default thread count (recorded as ``threads``).
 """
 
 from __future__ import annotations
@@ -49,11 +55,20 @@ FULL = {
     "model": "ViT-B-32",
     "n_latents": 12_288,
     "k": 128,
-    "n_images": 32,
+    "n_images": 128,
+    "n_fill": 32,
     "batch": 8,
     "repeats": 2,
 }
-QUICK = {"model": "tiny", "n_latents": 64, "k": 8, "n_images": 8, "batch": 4, "repeats": 1}
+QUICK = {
+    "model": "tiny",
+    "n_latents": 64,
+    "k": 8,
+    "n_images": 16,
+    "n_fill": 4,
+    "batch": 4,
+    "repeats": 1,
+}
 PAPER = {"n_layers": 12, "n_latents": 12_288, "n_top": 16, "n_tokens": 50}
 
 
@@ -92,7 +107,7 @@ def _pass(
 
 
 def pass_rows(shape: dict) -> list[dict[str, Any]]:
-    """The pass and its baseline, interleaved, median seconds."""
+    """The pass and its baseline over all images and over the fill phase, interleaved."""
     teacher = _teacher(shape)
     torch.manual_seed(0)
     clt = CrossLayerTranscoder(
@@ -101,42 +116,65 @@ def pass_rows(shape: dict) -> list[dict[str, Any]]:
         shape["n_latents"],
         SparsifierConfig(name="relu_topk", k=shape["k"]),
     ).eval()
-    size = teacher.image_size
-    images = torch.randn(shape["n_images"], 3, size, size)
-    dataset = Images(images, torch.zeros(shape["n_images"], dtype=torch.long))
+    size, n_all, n_fill = teacher.image_size, shape["n_images"], shape["n_fill"]
+    images = torch.randn(n_all, 3, size, size)
+    labels = torch.zeros(n_all, dtype=torch.long)
+    everything, fill = Images(images, labels), Images(images[:n_fill], labels[:n_fill])
     settings = {"batch_size": shape["batch"], "site": False, "classifier_cache": None}
-    configs = {
-        "features_pass": FeaturesConfig(**settings),
-        "features_pass_steady": FeaturesConfig(contribution_images=0, **settings),
+    runs: dict[str, tuple[Images, FeaturesConfig | None]] = {
+        "teacher_plus_encode": (everything, None),
+        "features_pass": (everything, FeaturesConfig(**settings)),
+        "features_pass_steady": (everything, FeaturesConfig(contribution_images=0, **settings)),
+        "teacher_plus_encode_fill": (fill, None),
+        "features_pass_fill": (fill, FeaturesConfig(contribution_images=0, **settings)),
     }
-    times: dict[str, list[float]] = {"teacher_plus_encode": [], **{k: [] for k in configs}}
-    warm = Images(images[:2], torch.zeros(2, dtype=torch.long))
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    warm = Images(images[:2], labels[:2])
     _baseline(teacher, clt, warm, 2)  # warm-up: first calls, lazy imports
-    _pass(teacher, clt, warm, configs["features_pass"])
+    _pass(teacher, clt, warm, FeaturesConfig(**settings))
     for _ in range(shape["repeats"]):
-        times["teacher_plus_encode"].append(_baseline(teacher, clt, dataset, shape["batch"]))
-        for name, config in configs.items():
-            times[name].append(_pass(teacher, clt, dataset, config))
-    base = statistics.median(times["teacher_plus_encode"])
+        for name, (dataset, config) in runs.items():
+            seconds = (
+                _baseline(teacher, clt, dataset, shape["batch"])
+                if config is None
+                else _pass(teacher, clt, dataset, config)
+            )
+            times[name].append(seconds)
+    median = {name: statistics.median(values) for name, values in times.items()}
+    base = {"teacher_plus_encode": median["teacher_plus_encode"]}
+    base["teacher_plus_encode_fill"] = median["teacher_plus_encode_fill"]
+    base |= {n: base["teacher_plus_encode"] for n in ("features_pass", "features_pass_steady")}
+    base["features_pass_fill"] = base["teacher_plus_encode_fill"]
     common = {
-        "shape": f"L={teacher.n_layers}, d={teacher.d_model}, F={shape['n_latents']}, T={teacher.tokens_per_image}",
-        "n_images": shape["n_images"],
+        "shape": f"L={teacher.n_layers}, d={teacher.d_model}, F={shape['n_latents']}, "
+        f"T={teacher.tokens_per_image}",
         "batch_size": shape["batch"],
         "threads": torch.get_num_threads(),
     }
-    rows = []
-    for name, values in times.items():
-        seconds = statistics.median(values)
-        rows.append(
-            {
-                "name": name,
-                "seconds": seconds,
-                "images_per_s": shape["n_images"] / seconds,
-                "ratio": seconds / base,
-                "seconds_all": values,
-                **common,
-            }
-        )
+    rows = [
+        {
+            "name": name,
+            "seconds": median[name],
+            "n_images": len(runs[name][0]),
+            "images_per_s": len(runs[name][0]) / median[name],
+            "ratio": median[name] / base[name],
+            "seconds_all": times[name],
+            **common,
+        }
+        for name in runs
+    ]
+    after = median["features_pass_steady"] - median["features_pass_fill"]  # images after fill
+    floor = median["teacher_plus_encode"] - median["teacher_plus_encode_fill"]
+    rows.append(
+        {
+            "name": "features_pass_after_fill",
+            "seconds": after,
+            "n_images": n_all - n_fill,
+            "images_per_s": (n_all - n_fill) / after if after > 0 else float("nan"),
+            "ratio": after / floor if floor > 0 else float("nan"),
+            **common,
+        }
+    )
     return rows
 
 

@@ -13,10 +13,16 @@ Design decisions:
   lists holds the whole "all" list. Storing "all" separately would cost a third more.
 - Ranking key: the activation, or its magnitude for signed sparsifiers (Abs-TopK keeps
   negative activations); the stored value keeps its sign.
-- Slots are kept unsorted during the pass (sorted once by `finish`). Per batch and group,
-  only latents whose batch maximum beats their current N-th value are merged (after the
-  first batches few are), with one `topk` over [R, N + n]; an admitted image takes the slot
-  of an evicted one, so only the new heatmaps are copied and nothing else moves.
+- Slots are kept unsorted during the pass (sorted once by `finish`) and start at key 0, so
+  an image where the latent is silent never enters. Per batch and group the store works
+  from the batch's firings (`stats.Firings`, one scan of z): a firing is a candidate only
+  if it beats its latent's current N-th key, patch candidates are reduced to one per
+  (image, latent), and only latents with candidates are ranked (one `topk` over
+  [R, N + n]). An admitted image takes the slot of an evicted one, so nothing else moves,
+  and its heatmap is written from the firings (a strided gather out of the dense z, whose
+  token stride is F, was most of the update's time at the paper shape).
+- Token 0 is [CLS] and tokens 1.. are patches; `collect.check_token_layout` refuses other
+  layouts (SigLIP, registers) before a store is built.
 - Memory is fixed up front: per layer and group, values [F, N] float32, image ids and
   token positions [F, N] int32 and heatmaps [F, N, T] float16; `store_bytes` states it.
 - Empty slots (fewer than N images seen, or a latent that never fired) have image id -1;
@@ -79,7 +85,7 @@ class TopNStore:
         n_layers: L.
         n_latents: F.
         n_top: N images per latent and group.
-        n_tokens: T tokens per image ([CLS] is token 0).
+        n_tokens: T tokens per image ([CLS] is token 0, the patches after it).
         signed: Rank by |activation| (Abs-TopK) instead of the activation.
         device: Where the store lives (the CLT's device; `finish` returns CPU tensors).
     """
