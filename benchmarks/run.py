@@ -323,8 +323,8 @@ def _features_targets(results: dict[str, Rows]) -> list[Verdict]:
             Verdict(
                 "features pass <= 1.5x the teacher forward + CLT encode (top-N, counters), "
                 f"over {steady['n_images']} images",
-                f"{_ratio(steady['ratio'])}{phases}; with the per-latent contributions on the "
-                f"first 64 images (the default pass) {_ratio(first['ratio'])}",
+                f"{_ratio(steady['ratio'])}{phases}; with the per-latent contributions (the "
+                f"first 64 images of a default pass) {_ratio(first['ratio'])}",
                 steady["ratio"] <= 1.5,
             )
         )
@@ -628,17 +628,18 @@ SPECS: dict[str, Spec] = {
         about=(
             "`benchmarks/bench_features.py`. `teacher_plus_encode` is the floor of any "
             "latent pass: the teacher forward recording every layer plus `encode_layer` for "
-            "every layer, over 128 images. `features_pass_steady` is `features.collect.collect` "
+            "every layer, over 96 images. `features_pass_steady` is `features.collect.collect` "
             "over the same images without the per-latent contributions (what every image "
             "after the first `contribution_images` = 64 costs): top-N store with heatmaps, "
-            "counters, histograms; the target is read on it. `features_pass` is the default "
-            "pass over the same images (contributions, a CLT forward per token, on the first "
-            "64). `features_pass_fill` / `teacher_plus_encode_fill` are the first 32 images "
-            "alone, where the top-16 store is still filling and most (latent, image) pairs "
-            "enter it; `features_pass_after_fill` is the difference (images 33-128, closer to "
-            "the bulk of a real pass of thousands of images). "
-            "Interleaved repeats, median; ratio = seconds / floor. `topk_store` allocates "
-            "the top-N store at the paper shape (12 x 12,288 latents x 16 images x 2 token "
+            "counters, histograms; the target is read on it. `features_pass_fill` / "
+            "`teacher_plus_encode_fill` are the first 32 images alone, where the top-16 store "
+            "is still filling and most (latent, image) pairs enter it; "
+            "`features_pass_after_fill` is the difference (images 33-96, closer to the bulk "
+            "of a real pass of thousands of images). `features_pass` is the first 16 images "
+            "with the per-latent contributions (a CLT forward per token), as the first 64 "
+            "images of a default pass. One repeat, the runs interleaved (the benchmark's "
+            "300 s budget); ratio = seconds / floor over the same images. "
+            "`topk_store` allocates the top-N store at the paper shape (12 x 12,288 latents x 16 images x 2 token "
             "groups, T = 50). `site_build` writes the static site for 12 x 1,024 latents "
             "from synthetic store tensors (500 thumbnails), then rebuilds it reusing them."
         ),

@@ -39,7 +39,13 @@ from clt_lightning.errors import ConfigError
 from clt_lightning.evaluation import zeroshot
 from clt_lightning.evaluation.replacement import check_compatible
 from clt_lightning.features import effects, store
-from clt_lightning.features.stats import DEFAULT_BINS, DEFAULT_RANGE, Firings, LatentStats
+from clt_lightning.features.stats import (
+    DEFAULT_BINS,
+    DEFAULT_RANGE,
+    Firings,
+    LatentStats,
+    one_cpu_thread,
+)
 from clt_lightning.features.topk import GROUPS, TopNStore, store_bytes
 from clt_lightning.tokens import layout_of
 
@@ -204,9 +210,10 @@ def collect(
             sigma_sum, sigma_count = sigma_sum + float(sigma.sum()), sigma_count + sigma.numel()
         for layer in range(n_layers):
             z = clt.encode_layer(layer, out.x[layer].to(clt.W_enc.dtype)).float()  # [n, T, F]
-            firings = Firings.of(z)  # one scan of z, shared by the store and the counters
-            top.update(layer, z, image_ids, firings)
-            stats.update(layer, z, firings)
+            with one_cpu_thread(z.device):  # many small ops: see `one_cpu_thread`
+                firings = Firings.of(z)  # one scan of z, shared by the store and counters
+                top.update(layer, z, image_ids, firings)
+                stats.update(layer, z, firings)
         n_contrib = max(0, min(n, budget - seen))
         if n_contrib:  # [n_contrib * T, L, d] teacher-forced inputs
             contributions.update(torch.stack(out.x, 2)[:n_contrib].flatten(0, 1))

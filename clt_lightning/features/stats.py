@@ -18,7 +18,9 @@ are counted in the first or last bin, so every firing is counted once.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +67,27 @@ class Firings:
     def take(self, index: Tensor) -> Firings:
         """The firings at `index` ([P'] int positions into these P firings)."""
         return Firings(self.image[index], self.token[index], self.latent[index], self.value[index])
+
+
+@contextlib.contextmanager
+def one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Run the block with one intra-op CPU thread when `device` is the CPU.
+
+    The per-batch bookkeeping is ~100 small ops over the firings (~50k entries per layer
+    and batch at the paper shape). Split over threads, each op waits at a barrier for every
+    thread; on a loaded CPU one descheduled thread makes every op cost milliseconds, and
+    the bookkeeping measured 20x slower with 2 threads than with 1 on the project's shared
+    2-core machine (docs/benchmarks.md, `features`). The thread count is restored after.
+    """
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class LatentStats:

@@ -436,3 +436,19 @@ def test_site_data_equals_the_store_and_thumbnails_are_reused(digits, tmp_path) 
     build_features(teacher, make_clt(), dataset, "digits", config(site=True), out, progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in sorted((out / "thumbs").glob("*.jpg"))} == stamps
     assert (out / "index.html").is_file() and (out / "assets" / "site.js").is_file()
+
+
+def test_bookkeeping_runs_on_one_cpu_thread_and_restores_the_count() -> None:
+    from clt_lightning.features.stats import one_cpu_thread
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with one_cpu_thread(torch.device("cpu")):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), one_cpu_thread(torch.device("cpu")):
+            raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2  # restored on error too
+    finally:
+        torch.set_num_threads(before)
