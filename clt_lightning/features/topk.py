@@ -198,23 +198,26 @@ class TopNStore:
 
     def finish(self) -> dict[tuple[int, str], TopEntries]:
         """The kept entries sorted best first (CPU); slots whose activation is 0 (or that
-        were never filled) get image -1."""
+        were never filled) get image -1 and a zero heatmap."""
         out = {}
         for (layer, group), entries in self.entries.items():
             key, order = self.key[(layer, group)].sort(dim=1, descending=True, stable=True)
-            heat_order = order[:, :, None].expand(-1, -1, self.n_tokens)
-            value, image, token, heatmap = (
+            value, image, token = (
                 entries.value.gather(1, order),
                 entries.image.gather(1, order),
                 entries.token.gather(1, order),
-                entries.heatmap.gather(1, heat_order),
             )
+            # whole heatmap rows move (a gather along dim 1 with an expanded index was most
+            # of a short pass's time); a slot is only ever written with a key > 0, so an
+            # empty slot's heatmap is still the zeros it was allocated with
+            rows = torch.arange(order.shape[0], device=order.device)[:, None]
+            heatmap = entries.heatmap[rows, order]  # [F, N, T]
             empty = (key <= 0) | (image < 0)
             out[(layer, group)] = TopEntries(
                 value.masked_fill(empty, 0.0).cpu(),
                 image.masked_fill(empty, -1).cpu(),
                 token.masked_fill(empty, 0).cpu(),
-                heatmap.masked_fill(empty[:, :, None], 0.0).cpu(),
+                heatmap.cpu(),
             )
         return out
 
