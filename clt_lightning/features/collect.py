@@ -39,8 +39,15 @@ from clt_lightning.errors import ConfigError
 from clt_lightning.evaluation import zeroshot
 from clt_lightning.evaluation.replacement import check_compatible
 from clt_lightning.features import effects, store
-from clt_lightning.features.stats import DEFAULT_BINS, DEFAULT_RANGE, LatentStats
+from clt_lightning.features.stats import (
+    DEFAULT_BINS,
+    DEFAULT_RANGE,
+    Firings,
+    LatentStats,
+    one_cpu_thread,
+)
 from clt_lightning.features.topk import GROUPS, TopNStore, store_bytes
+from clt_lightning.tokens import layout_of
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +122,31 @@ class PassResult:
     facts: dict[str, Any]
 
 
+def check_token_layout(teacher: Any) -> None:
+    """Refuse a teacher whose tokens are not one [CLS] then the patches.
+
+    The store ranks [CLS] (token 0) and patch tokens (1..T-1) separately and the site lays
+    tokens 1..T-1 out as the patch grid; a model without [CLS] (SigLIP) or with register
+    tokens (DINOv2 with registers) would be mislabelled, so it is refused up front.
+
+    Raises:
+        ConfigError: The teacher's token layout is not 1 [CLS] + patches.
+    """
+    layout = layout_of(teacher)
+    if layout.n_cls == 1 and layout.n_registers == 0:
+        return
+    config = getattr(teacher, "config", None)
+    family = getattr(config, "family", "unknown")
+    name = getattr(config, "model_name", None)
+    if family != "timm":  # an open_clip model config file names the model when given
+        name = getattr(config, "model_config", None) or name
+    raise ConfigError(
+        f"clt features supports teachers with one [CLS] token then patches (open_clip "
+        f"ViTs, timm ViTs without registers); teacher {family}:{name} has "
+        f"{layout.describe()}"
+    )
+
+
 def pass_images(dataset: Dataset, config: FeaturesConfig) -> tuple[Dataset, list[int]]:
     """The images of the pass and their ids (indices into `dataset`)."""
     from clt_lightning.evaluation.suite import evaluation_images
@@ -144,9 +176,11 @@ def collect(
 
     Raises:
         CheckpointMismatchError: The CLT does not fit the teacher.
-        ConfigError: The split has no images.
+        ConfigError: The split has no images, or the teacher has no [CLS] token or has
+            registers (`check_token_layout`).
     """
     check_compatible(teacher, clt)
+    check_token_layout(teacher)
     images, ids = pass_images(dataset, config)
     device = teacher.device
     clt = clt.to(device).eval()
@@ -176,8 +210,10 @@ def collect(
             sigma_sum, sigma_count = sigma_sum + float(sigma.sum()), sigma_count + sigma.numel()
         for layer in range(n_layers):
             z = clt.encode_layer(layer, out.x[layer].to(clt.W_enc.dtype)).float()  # [n, T, F]
-            top.update(layer, z, image_ids)
-            stats.update(layer, z)
+            with one_cpu_thread(z.device):  # many small ops: see `one_cpu_thread`
+                firings = Firings.of(z)  # one scan of z, shared by the store and counters
+                top.update(layer, z, image_ids, firings)
+                stats.update(layer, z, firings)
         n_contrib = max(0, min(n, budget - seen))
         if n_contrib:  # [n_contrib * T, L, d] teacher-forced inputs
             contributions.update(torch.stack(out.x, 2)[:n_contrib].flatten(0, 1))
@@ -267,10 +303,12 @@ def build_features(
         The output folder (the site is `<folder>/index.html`).
 
     Raises:
-        ConfigError: Bad settings, an empty split, or a folder made for another CLT.
+        ConfigError: Bad settings, an empty split, a folder made for another CLT, or a
+            teacher whose tokens are not [CLS] + patches.
         CheckpointMismatchError: The CLT does not fit the teacher.
     """
     check_compatible(teacher, clt)
+    check_token_layout(teacher)
     pass_images(dataset, config)  # an empty split is refused before anything is written
     folder = Path(output_dir)
     identity = dataset.identity() if callable(getattr(dataset, "identity", None)) else {}
@@ -345,6 +383,7 @@ def run_command(
     clt = load_clt(ckpt_path)
     teacher = Teacher(teacher_config)
     check_compatible(teacher, clt)
+    check_token_layout(teacher)
     dataset = build_dataset(dataset_config, config.split, teacher.preprocess)
     output_dir = (
         Path(config.output_dir) if config.output_dir else run_folder(ckpt_path) / "features"

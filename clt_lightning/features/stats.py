@@ -18,7 +18,10 @@ are counted in the first or last bin, so every firing is counted once.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -32,6 +35,59 @@ def histogram_edges(
 ) -> Tensor:
     """[n_bins + 1] float64 bin edges of log10 |z|."""
     return torch.linspace(lo, hi, n_bins + 1, dtype=torch.float64)
+
+
+@dataclass
+class Firings:
+    """The non-zero entries of one layer's activations z [n, T, F] (one scan of z).
+
+    Both `LatentStats.update` and `TopNStore.update` work from these, so the pass scans
+    each layer's dense activations once and then pays for the firings only.
+
+    Attributes:
+        image: [P] int64 image index within the batch (0..n-1).
+        token: [P] int64 token position (0..T-1).
+        latent: [P] int64 latent index (0..F-1).
+        value: [P] activation z (non-zero), in z's dtype.
+    """
+
+    image: Tensor
+    token: Tensor
+    latent: Tensor
+    value: Tensor
+
+    @classmethod
+    def of(cls, z: Tensor) -> Firings:
+        """The firings of z [n, T, F], ordered by (image, token, latent)."""
+        n_tokens, n_latents = z.shape[1], z.shape[2]
+        flat = z.reshape(-1, n_latents)
+        row, latent = flat.nonzero(as_tuple=True)  # row = image * T + token
+        return cls(row // n_tokens, row % n_tokens, latent, flat[row, latent])
+
+    def take(self, index: Tensor) -> Firings:
+        """The firings at `index` ([P'] int positions into these P firings)."""
+        return Firings(self.image[index], self.token[index], self.latent[index], self.value[index])
+
+
+@contextlib.contextmanager
+def one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Run the block with one intra-op CPU thread when `device` is the CPU.
+
+    The per-batch bookkeeping is ~100 small ops over the firings (~50k entries per layer
+    and batch at the paper shape). Split over threads, each op waits at a barrier for every
+    thread; on a loaded CPU one descheduled thread makes every op cost milliseconds, and
+    the bookkeeping measured 20x slower with 2 threads than with 1 on the project's shared
+    2-core machine (docs/benchmarks.md, `features`). The thread count is restored after.
+    """
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class LatentStats:
@@ -65,7 +121,7 @@ class LatentStats:
         self.n_tokens = 0
 
     @torch.no_grad()
-    def update(self, layer: int, z: Tensor) -> None:
+    def update(self, layer: int, z: Tensor, firings: Firings | None = None) -> None:
         """Add one batch of one layer.
 
         Everything is counted from the non-zero entries alone (one scan of z), so the cost
@@ -74,22 +130,22 @@ class LatentStats:
         Args:
             layer: Source layer s.
             z: Activations [n, T, F] of every token of n images.
+            firings: `Firings.of(z)` when the caller already has it (saves the scan).
         """
-        n_images, n_tokens, n_latents = z.shape
-        flat = z.reshape(-1, n_latents)
-        row, latent = flat.nonzero(as_tuple=True)  # firings, row = image * T + token
-        values = flat[row, latent]
+        n_images, _, n_latents = z.shape
+        fire = Firings.of(z) if firings is None else firings
+        latent, values = fire.latent, fire.value
         count = functools.partial(torch.bincount, minlength=n_latents)
-        is_cls = row % n_tokens == 0
+        is_cls = fire.token == 0
         self.fired_cls[layer] += count(latent[is_cls])
         self.fired_patches[layer] += count(latent[~is_cls])
         fired = torch.zeros(n_images, n_latents, dtype=torch.bool, device=z.device)
-        fired[row // n_tokens, latent] = True
+        fired[fire.image, latent] = True
         self.fired_images[layer] += fired.sum(0)
         self.activation_sum[layer] += count(latent, weights=values.double())
         bins = latent * self.n_bins + self.bin_of(values)
-        counts = torch.bincount(bins, minlength=n_latents * self.n_bins)
-        self.histogram[layer] += counts.reshape(n_latents, self.n_bins)
+        ones = torch.ones_like(bins)
+        self.histogram[layer].view(-1).index_add_(0, bins, ones)
 
     def bin_of(self, values: Tensor) -> Tensor:
         """Histogram bin of each non-zero activation (clamped into the first/last bin)."""

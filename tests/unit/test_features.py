@@ -297,6 +297,49 @@ def test_split_without_images(digits, tmp_path) -> None:
     assert not (tmp_path / "f").exists()  # refused before anything was written
 
 
+@pytest.mark.parametrize(
+    ("family", "message"),
+    [
+        ("siglip", r"open_clip:.*tiny-siglip\.json has 0 cls, 0 registers, 16 patches"),
+        ("dinov2_reg", r"timm:vit_small_patch14_reg4_dinov2 has 1 cls, 4 registers"),
+    ],
+)
+def test_teacher_without_cls_or_with_registers_is_refused(tmp_path, family, message) -> None:
+    from clt_lightning.teacher import Teacher, TeacherConfig
+    from tests.tiny_backbones import TIMM_MODELS, write_siglip_config, write_timm_kwargs
+
+    if family == "siglip":
+        teacher_config = TeacherConfig(model_config=str(write_siglip_config(tmp_path)))
+    else:
+        kwargs = write_timm_kwargs(tmp_path, family)
+        name = TIMM_MODELS[family][0]
+        teacher_config = TeacherConfig(family="timm", model_name=name, model_config=str(kwargs))
+    teacher = Teacher(teacher_config)
+    clt = CrossLayerTranscoder(teacher.n_layers, teacher.d_model, 8, SparsifierConfig(k=2))
+    images = [(torch.zeros(3, teacher.image_size, teacher.image_size), 0)] * 2
+    with pytest.raises(ConfigError, match=message) as error:
+        build_features(teacher, clt, images, "x", config(), tmp_path / "f", progress=False)
+    assert "one [CLS] token then patches" in str(error.value)
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "f").exists()  # refused before anything was written
+    with pytest.raises(ConfigError, match=message):
+        collect(teacher, clt, images, config(), progress=False)
+
+
+def test_timm_teacher_with_cls_and_patches_is_accepted(tmp_path) -> None:
+    from clt_lightning.teacher import Teacher, TeacherConfig
+    from tests.tiny_backbones import TIMM_MODELS, write_timm_kwargs
+
+    kwargs = str(write_timm_kwargs(tmp_path, "dinov2"))
+    teacher = Teacher(
+        TeacherConfig(family="timm", model_name=TIMM_MODELS["dinov2"][0], model_config=kwargs)
+    )
+    clt = CrossLayerTranscoder(teacher.n_layers, teacher.d_model, 8, SparsifierConfig(k=2)).eval()
+    images = [(torch.randn(3, teacher.image_size, teacher.image_size), 0)] * 3
+    result = collect(teacher, clt, images, config(), progress=False)
+    assert result.tensors["top_heatmap_patches"].shape[-1] == teacher.tokens_per_image == 17
+
+
 def test_folder_of_another_clt_is_refused_then_overwritten(digits, tmp_path) -> None:
     teacher, dataset = digits
     out = tmp_path / "f"
@@ -393,3 +436,19 @@ def test_site_data_equals_the_store_and_thumbnails_are_reused(digits, tmp_path) 
     build_features(teacher, make_clt(), dataset, "digits", config(site=True), out, progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in sorted((out / "thumbs").glob("*.jpg"))} == stamps
     assert (out / "index.html").is_file() and (out / "assets" / "site.js").is_file()
+
+
+def test_bookkeeping_runs_on_one_cpu_thread_and_restores_the_count() -> None:
+    from clt_lightning.features.stats import one_cpu_thread
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with one_cpu_thread(torch.device("cpu")):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), one_cpu_thread(torch.device("cpu")):
+            raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2  # restored on error too
+    finally:
+        torch.set_num_threads(before)
