@@ -367,15 +367,24 @@ class _EmbeddingBagDecode(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         table = weight.reshape(weight.shape[0], -1)
         grad_values = grad_weight = None
-        if need_values:
-            grad_values = _per_slot_dot(grad_out, table, indices).view_as(values)
-        if need_weight and sparse_matmul_supported(weight.dtype):
-            grad_weight = GRAD_RECYCLER.empty_like(weight)  # written in full by addmm
+        codes_t = keys = None
+        if sparse_matmul_supported(weight.dtype) and (need_weight or need_values):
             n_tokens, k = indices.shape
             token = torch.arange(n_tokens, device=indices.device).repeat_interleave(k)
-            codes_t = sparse_matrix(
-                indices.reshape(-1), token, values.reshape(-1), (len(table), n_tokens)
+            codes_t, keys = sparse_matrix(
+                indices.reshape(-1),
+                token,
+                values.reshape(-1).to(weight.dtype),
+                (len(table), n_tokens),
+                return_keys=True,
             )
+        if need_values and codes_t is not None and table.device.type == "cpu":
+            grad_values = _per_slot_dot_sorted(grad_out, table, indices, codes_t, keys)
+            grad_values = grad_values.view_as(values)
+        elif need_values:
+            grad_values = _per_slot_dot(grad_out, table, indices).view_as(values)
+        if need_weight and codes_t is not None:
+            grad_weight = GRAD_RECYCLER.empty_like(weight)  # written in full by addmm
             out = grad_weight.view(table.shape)
             torch.addmm(out, codes_t, grad_out.to(weight.dtype), beta=0, out=out)
         elif need_weight:
@@ -391,20 +400,34 @@ def sparse_matmul_supported(dtype: torch.dtype) -> bool:
     return dtype in (torch.float32, torch.float64)
 
 
-def sparse_matrix(rows: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+def sparse_matrix(
+    rows: Tensor,
+    cols: Tensor,
+    values: Tensor,
+    shape: tuple[int, int],
+    *,
+    return_keys: bool = False,
+) -> Any:
     """The sparse CSR matrix ``M[rows[i], cols[i]] += values[i]`` (duplicates summed).
 
     Shapes: rows, cols, values [n]; ``M`` is ``shape``. Used as the sparse operand of
     ``torch.addmm`` (MKL's sparse BLAS on the CPU, cuSPARSE on CUDA), whose cost is
     ~ n x the dense operand's width, and which writes every entry of its output, so the
     gradient needs no zeroing pass.
+
+    With ``return_keys``, returns ``(M, keys)``: ``keys`` [nnz] int64 holds each stored
+    entry's ``row * shape[1] + col``, ascending (the order of ``M``'s values).
     """
     coo = torch.sparse_coo_tensor(
         torch.stack([rows, cols]), values, shape, check_invariants=False
     ).coalesce()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return coo.to_sparse_csr()
+        matrix = coo.to_sparse_csr()
+    if not return_keys:
+        return matrix
+    entry_rows, entry_cols = coo.indices()
+    return matrix, entry_rows * shape[1] + entry_cols
 
 
 def _per_slot_dot(grad_out: Tensor, table: Tensor, indices: Tensor) -> Tensor:
@@ -416,6 +439,30 @@ def _per_slot_dot(grad_out: Tensor, table: Tensor, indices: Tensor) -> Tensor:
     return torch.ops.aten._embedding_bag_per_sample_weights_backward(
         grad_out, table, flat, offsets, offset2bag, 0, -1
     )
+
+
+def _per_slot_dot_sorted(
+    grad_out: Tensor, table: Tensor, indices: Tensor, codes_t: Tensor, keys: Tensor
+) -> Tensor:
+    """``<grad_out[b], table[indices[b, j]]>`` for every slot, flat [B k], row by row.
+
+    Same values as :func:`_per_slot_dot`, but computed at the entries of the coalesced
+    [F, B] code matrix ``codes_t`` (``torch.sparse.sampled_addmm``), which are sorted by
+    latent: a decoder row shared by several tokens is read from memory once and then from
+    cache, instead of once per slot (measured ~2x faster at the paper shape, B=128,
+    k=128, one thread). Each slot then takes the dot product of its (latent, token)
+    entry, found in ``keys`` (the entries' ``latent * B + token``, ascending); a latent
+    repeated within one token (padding) is one entry, and each of its slots gets its dot
+    product, as in the unsorted kernel.
+
+    Shapes: grad_out [B, D], table [F, D], indices [B, k], codes_t [F, B] sparse CSR,
+    keys [nnz]; returns [B k] in table's dtype.
+    """
+    n_tokens, k = indices.shape
+    token = torch.arange(n_tokens, device=indices.device).repeat_interleave(k)
+    dots = torch.sparse.sampled_addmm(codes_t, table, grad_out.to(table.dtype).T, beta=0)
+    slot_keys = indices.reshape(-1).to(torch.int64) * n_tokens + token
+    return dots.values()[torch.searchsorted(keys, slot_keys)]
 
 
 ADD_CHUNK_BYTES = 2 * 2**20
