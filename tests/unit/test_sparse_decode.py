@@ -578,3 +578,20 @@ def test_values_grad_with_repeated_latents_equals_naive_loop(index_dtype: torch.
                     float(row[t] @ grad_y[b, s + t]) for t in range(n_layers - s)
                 )
     torch.testing.assert_close(grad_values, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_second_backward_with_retained_graph_gives_the_same_gradients() -> None:
+    # The CPU forward keeps its code matrix for the first backward only; a second
+    # backward through the retained graph rebuilds it and must give the same gradients.
+    n_tokens, n_layers, d_model, n_latents, k = 6, 3, 8, 40, 5
+    W_dec, b_dec = make_decoder(n_layers, d_model, n_latents, torch.float64, torch.device("cpu"))
+    values, indices = make_codes(
+        n_tokens, n_layers, n_latents, k, torch.float64, torch.device("cpu")
+    )
+    out = sparse_decode((values, indices), W_dec, b_dec)
+    inputs = [values, *W_dec]
+    first = torch.autograd.grad(out, inputs, torch.ones_like(out), retain_graph=True)
+    first = [g.clone() for g in first]
+    second = torch.autograd.grad(out, inputs, torch.ones_like(out))
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
