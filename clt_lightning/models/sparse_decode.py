@@ -66,9 +66,9 @@ Design decisions:
   are reused only when nothing else references them, so results never change; on CUDA
   the caching allocator already reuses memory and nothing is recycled.
 - Measured with ``benchmarks/bench_train_step.py`` (whole training step, paper shape,
-  B=128, fp32, 1 thread, shared 2-core CPU, 2026-11-30): ReLU-TopK ~5.3x and Abs-TopK
-  ~4.7x the tokens/s of the dense step, with the same loss, 1.7x the encoder-only plus
-  AdamW-only steps; ``benchmarks/bench_memory.py``: 0.17x the dense step's activation
+  B=128, fp32, 1 thread, shared 2-core CPU, 2026-11-30): ReLU-TopK ~6.0x and Abs-TopK
+  ~5.6x the tokens/s of the dense step (1.79 s and 1.85 s per step), with the same loss,
+  1.5x the encoder-only plus AdamW-only steps; ``benchmarks/bench_memory.py``: 0.17x the dense step's activation
   memory. See ``docs/benchmarks.md`` for the current numbers.
 - Neither decode backend builds a dense [B, L, F] code tensor or its gradient: the codes'
   gradient is [B, L, k]. The ``W_dec`` gradient is dense (it is the parameter's gradient,
