@@ -451,8 +451,8 @@ SPECS: dict[str, Spec] = {
             '`decode="dense"` and `decode="sparse"`, steps interleaved, medians reported '
             "(`benchmarks/bench_train_step.py`). Sparse ReLU-/Abs-TopK is the fused path "
             "(layer-by-layer TopK encoder whose backward only touches the kept latents, "
-            "embedding-bag decode, weight gradients as sparse-matrix products, recycled "
-            "gradient buffers). BatchTopK keeps the dense "
+            "decode, codes' and weight gradients as sparse-matrix products over the "
+            "latent-sorted code matrix, recycled gradient buffers). BatchTopK keeps the dense "
             "encoder (its selection spans the batch); JumpReLU decodes densely in training "
             "in both modes by design (its threshold gradient needs dLoss/dz below the "
             "threshold), so its two rows time the same path. Not in the table, measured "

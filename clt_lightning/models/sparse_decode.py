@@ -23,10 +23,14 @@ Design decisions:
 
   * ``"embedding_bag"`` (the default, ``"torch"``): forward ``F.embedding_bag(indices,
     table, per_sample_weights=values, mode="sum")``, which never materialises the
-    gathered rows. Backward (:class:`_EmbeddingBagDecode`): the signed ``values``
-    gradient as per-slot dot products ``<grad_out, row>`` (ATen's embedding-bag kernel),
-    and the table gradient as ``C^T @ grad_out`` with ``C`` the sparse [B, F] code
-    matrix (:func:`sparse_matrix`; MKL's sparse BLAS on the CPU, cuSPARSE on CUDA)
+    gathered rows (on the CPU in float32/float64: ``C @ table`` with ``C`` the sparse
+    [B, F] code matrix stored latent-major, so a decoder row shared by several tokens is
+    read from memory once). Backward (:class:`_EmbeddingBagDecode`): the signed ``values``
+    gradient as per-slot dot products ``<grad_out, row>`` (CPU float32/float64:
+    ``torch.sparse.sampled_addmm`` at the latent-sorted entries of ``C^T``, again one
+    read per shared row, ~2x faster than ATen's per-slot embedding-bag kernel used
+    elsewhere), and the table gradient as ``C^T @ grad_out`` with the same matrix
+    (:func:`sparse_matrix`; MKL's sparse BLAS on the CPU, cuSPARSE on CUDA)
     written with ``beta=0`` into a recycled gradient, so it needs no zeroing pass (other
     dtypes than float32/float64: ``index_add_`` of ``value * grad_out`` into a zeroed
     gradient, in cache-sized blocks, :data:`ADD_CHUNK_BYTES`).
@@ -62,9 +66,9 @@ Design decisions:
   are reused only when nothing else references them, so results never change; on CUDA
   the caching allocator already reuses memory and nothing is recycled.
 - Measured with ``benchmarks/bench_train_step.py`` (whole training step, paper shape,
-  B=128, fp32, 1 thread, shared 2-core CPU, 2026-11-30): ReLU-TopK ~5.3x and Abs-TopK
-  ~4.7x the tokens/s of the dense step, with the same loss, 1.7x the encoder-only plus
-  AdamW-only steps; ``benchmarks/bench_memory.py``: 0.17x the dense step's activation
+  B=128, fp32, 1 thread, shared 2-core CPU, 2026-11-30): ReLU-TopK ~6.0x and Abs-TopK
+  ~5.6x the tokens/s of the dense step (1.79 s and 1.85 s per step), with the same loss,
+  1.5x the encoder-only plus AdamW-only steps; ``benchmarks/bench_memory.py``: 0.17x the dense step's activation
   memory. See ``docs/benchmarks.md`` for the current numbers.
 - Neither decode backend builds a dense [B, L, F] code tensor or its gradient: the codes'
   gradient is [B, L, k]. The ``W_dec`` gradient is dense (it is the parameter's gradient,
@@ -358,6 +362,12 @@ class _EmbeddingBagDecode(torch.autograd.Function):
         table = weight.reshape(weight.shape[0], -1)
         ctx.save_for_backward(values, indices, weight)
         ctx.chunk_bytes = chunk_bytes
+        ctx.code_matrix = None
+        if weight.device.type == "cpu" and sparse_matmul_supported(weight.dtype):
+            # Latent-major product: each shared decoder row is read once (kept for backward).
+            ctx.code_matrix = _code_matrix(values, indices, len(table))
+            with torch.autocast("cpu", enabled=False):  # the decoder's dtype, as embedding_bag
+                return torch.mm(ctx.code_matrix[0].t(), table)
         return F.embedding_bag(indices, table, per_sample_weights=values, mode="sum")
 
     @staticmethod
@@ -367,15 +377,19 @@ class _EmbeddingBagDecode(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         table = weight.reshape(weight.shape[0], -1)
         grad_values = grad_weight = None
-        if need_values:
+        codes_t = keys = None
+        if ctx.code_matrix is not None:
+            codes_t, keys = ctx.code_matrix
+        elif sparse_matmul_supported(weight.dtype) and (need_weight or need_values):
+            codes_t, keys = _code_matrix(values, indices, len(table))
+        ctx.code_matrix = None
+        if need_values and codes_t is not None and table.device.type == "cpu":
+            grad_values = _per_slot_dot_sorted(grad_out, table, indices, codes_t, keys)
+            grad_values = grad_values.view_as(values)
+        elif need_values:
             grad_values = _per_slot_dot(grad_out, table, indices).view_as(values)
-        if need_weight and sparse_matmul_supported(weight.dtype):
+        if need_weight and codes_t is not None:
             grad_weight = GRAD_RECYCLER.empty_like(weight)  # written in full by addmm
-            n_tokens, k = indices.shape
-            token = torch.arange(n_tokens, device=indices.device).repeat_interleave(k)
-            codes_t = sparse_matrix(
-                indices.reshape(-1), token, values.reshape(-1), (len(table), n_tokens)
-            )
             out = grad_weight.view(table.shape)
             torch.addmm(out, codes_t, grad_out.to(weight.dtype), beta=0, out=out)
         elif need_weight:
@@ -386,25 +400,52 @@ class _EmbeddingBagDecode(torch.autograd.Function):
         return grad_values, None, grad_weight, None
 
 
+def _code_matrix(values: Tensor, indices: Tensor, n_latents: int) -> tuple[Tensor, Tensor]:
+    """The [F, B] sparse CSR matrix of one source's codes and its entries' keys.
+
+    ``C^T[indices[b, j], b] += values[b, j]`` (:func:`sparse_matrix` with
+    ``return_keys``). Shapes: values/indices [B, k]; returns (``C^T`` [F, B], keys [nnz]).
+    """
+    n_tokens, k = indices.shape
+    token = torch.arange(n_tokens, device=indices.device).repeat_interleave(k)
+    return sparse_matrix(
+        indices.reshape(-1), token, values.reshape(-1), (n_latents, n_tokens), return_keys=True
+    )
+
+
 def sparse_matmul_supported(dtype: torch.dtype) -> bool:
     """Whether the weight gradients use a sparse matrix product (float32/float64)."""
     return dtype in (torch.float32, torch.float64)
 
 
-def sparse_matrix(rows: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+def sparse_matrix(
+    rows: Tensor,
+    cols: Tensor,
+    values: Tensor,
+    shape: tuple[int, int],
+    *,
+    return_keys: bool = False,
+) -> Any:
     """The sparse CSR matrix ``M[rows[i], cols[i]] += values[i]`` (duplicates summed).
 
     Shapes: rows, cols, values [n]; ``M`` is ``shape``. Used as the sparse operand of
     ``torch.addmm`` (MKL's sparse BLAS on the CPU, cuSPARSE on CUDA), whose cost is
     ~ n x the dense operand's width, and which writes every entry of its output, so the
     gradient needs no zeroing pass.
+
+    With ``return_keys``, returns ``(M, keys)``: ``keys`` [nnz] int64 holds each stored
+    entry's ``row * shape[1] + col``, ascending (the order of ``M``'s values).
     """
     coo = torch.sparse_coo_tensor(
         torch.stack([rows, cols]), values, shape, check_invariants=False
     ).coalesce()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return coo.to_sparse_csr()
+        matrix = coo.to_sparse_csr()
+    if not return_keys:
+        return matrix
+    entry_rows, entry_cols = coo.indices()
+    return matrix, entry_rows * shape[1] + entry_cols
 
 
 def _per_slot_dot(grad_out: Tensor, table: Tensor, indices: Tensor) -> Tensor:
@@ -416,6 +457,30 @@ def _per_slot_dot(grad_out: Tensor, table: Tensor, indices: Tensor) -> Tensor:
     return torch.ops.aten._embedding_bag_per_sample_weights_backward(
         grad_out, table, flat, offsets, offset2bag, 0, -1
     )
+
+
+def _per_slot_dot_sorted(
+    grad_out: Tensor, table: Tensor, indices: Tensor, codes_t: Tensor, keys: Tensor
+) -> Tensor:
+    """``<grad_out[b], table[indices[b, j]]>`` for every slot, flat [B k], row by row.
+
+    Same values as :func:`_per_slot_dot`, but computed at the entries of the coalesced
+    [F, B] code matrix ``codes_t`` (``torch.sparse.sampled_addmm``), which are sorted by
+    latent: a decoder row shared by several tokens is read from memory once and then from
+    cache, instead of once per slot (measured ~2x faster at the paper shape, B=128,
+    k=128, one thread). Each slot then takes the dot product of its (latent, token)
+    entry, found in ``keys`` (the entries' ``latent * B + token``, ascending); a latent
+    repeated within one token (padding) is one entry, and each of its slots gets its dot
+    product, as in the unsorted kernel.
+
+    Shapes: grad_out [B, D], table [F, D], indices [B, k], codes_t [F, B] sparse CSR,
+    keys [nnz]; returns [B k] in table's dtype.
+    """
+    n_tokens, k = indices.shape
+    token = torch.arange(n_tokens, device=indices.device).repeat_interleave(k)
+    dots = torch.sparse.sampled_addmm(codes_t, table, grad_out.to(table.dtype).T, beta=0)
+    slot_keys = indices.reshape(-1).to(torch.int64) * n_tokens + token
+    return dots.values()[torch.searchsorted(keys, slot_keys)]
 
 
 ADD_CHUNK_BYTES = 2 * 2**20

@@ -547,3 +547,51 @@ def test_recycler_reserve_and_clear() -> None:
     assert (recycler.zeros_like(weight) == 0).all()
     recycler.clear()
     assert recycler.nbytes() == 0
+
+
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_values_grad_with_repeated_latents_equals_naive_loop(index_dtype: torch.dtype) -> None:
+    # The CPU values' gradient is computed latent by latent (sampled_addmm on the sorted
+    # code matrix) and mapped back to the slots; repeated latents within a token (padding)
+    # and across tokens must each get <grad_out[b], W_dec[s][i, :]> summed over targets.
+    n_tokens, n_layers, d_model, n_latents, k = 5, 3, 4, 6, 4
+    generator = torch.Generator().manual_seed(3)
+    W_dec = [
+        torch.randn(n_latents, n_layers - s, d_model, generator=generator, dtype=torch.float64)
+        for s in range(n_layers)
+    ]
+    b_dec = torch.zeros(n_layers, d_model, dtype=torch.float64)
+    indices = torch.randint(0, n_latents, (n_tokens, n_layers, k), generator=generator)
+    indices[:, :, 1] = indices[:, :, 0]  # a latent twice in the same (token, source)
+    indices[0, :, 2:] = 0  # padding-like repeats of latent 0
+    values = torch.randn(n_tokens, n_layers, k, generator=generator, dtype=torch.float64)
+    values.requires_grad_(True)
+    grad_y = torch.randn(n_tokens, n_layers, d_model, generator=generator, dtype=torch.float64)
+    out = sparse_decode((values, indices.to(index_dtype)), W_dec, b_dec)
+    (grad_values,) = torch.autograd.grad(out, values, grad_y)
+    expected = torch.zeros(n_tokens, n_layers, k, dtype=torch.float64)
+    for b in range(n_tokens):
+        for s in range(n_layers):
+            for j in range(k):
+                row = W_dec[s][int(indices[b, s, j])]  # [L - s, d]
+                expected[b, s, j] = sum(
+                    float(row[t] @ grad_y[b, s + t]) for t in range(n_layers - s)
+                )
+    torch.testing.assert_close(grad_values, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_second_backward_with_retained_graph_gives_the_same_gradients() -> None:
+    # The CPU forward keeps its code matrix for the first backward only; a second
+    # backward through the retained graph rebuilds it and must give the same gradients.
+    n_tokens, n_layers, d_model, n_latents, k = 6, 3, 8, 40, 5
+    W_dec, b_dec = make_decoder(n_layers, d_model, n_latents, torch.float64, torch.device("cpu"))
+    values, indices = make_codes(
+        n_tokens, n_layers, n_latents, k, torch.float64, torch.device("cpu")
+    )
+    out = sparse_decode((values, indices), W_dec, b_dec)
+    inputs = [values, *W_dec]
+    first = torch.autograd.grad(out, inputs, torch.ones_like(out), retain_graph=True)
+    first = [g.clone() for g in first]
+    second = torch.autograd.grad(out, inputs, torch.ones_like(out))
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
