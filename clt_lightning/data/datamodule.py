@@ -1,6 +1,6 @@
 """ActivationDataModule: token batches of a frozen ViT, from an activation cache or online.
 
-Every batch is the DESIGN token batch `{"x": [B, L, d] float32, "y": [B, L, d] float32,
+Every batch is the token batch (docs/architecture.md) `{"x": [B, L, d] float32, "y": [B, L, d] float32,
 "token": [B] int64, "image": [B] int64}`, whichever the source. The streaming, shuffling and
 rank/worker split live in `clt_lightning.data.streams` (pure, tested on their own); this
 module only turns the config into those streams and hands them to Lightning.

@@ -1,6 +1,6 @@
 """Token streams: shuffled token batches from an activation cache or from a live teacher.
 
-Both streams yield the DESIGN token batch `{"x": [B, L, d] float32, "y": [B, L, d] float32,
+Both streams yield the token batch (docs/architecture.md) `{"x": [B, L, d] float32, "y": [B, L, d] float32,
 "token": [B] int64, "image": [B] int64}`; `ActivationDataModule` wraps them in DataLoaders.
 
 Design decisions:

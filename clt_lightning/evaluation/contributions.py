@@ -20,7 +20,7 @@ Design decisions:
   column's average (counted and logged); an image with no valid token for a target is
   left out of that target's image mean.
 - Aggregation is keyed by image id, so shuffled token batches (the activation cache's
-  DESIGN token batch) and whole-image batches (`Teacher.capture`) give the same numbers.
+  token batch of docs/architecture.md) and whole-image batches (`Teacher.capture`) give the same numbers.
 - Token groups are those of the teacher's `TokenLayout` ("cls", "registers", "patches",
   and "all", which ranks sources for the all-token ablation); a model without [CLS]
   (SigLIP) has no "cls" scores.
@@ -171,7 +171,7 @@ class ContributionAccumulator:
                 self._counts[group] = torch.cat([self._counts[group], pad])
 
     def update(self, clt: Any, x: Tensor, token: Tensor, image: Tensor) -> None:
-        """Add a token batch (the DESIGN token batch: shuffled tokens of many images).
+        """Add a token batch (docs/architecture.md: shuffled tokens of many images).
 
         Args:
             clt: The CLT.
@@ -324,7 +324,7 @@ def contribution_scores_from_tokens(
     keep_per_image: bool = False,
     layout: TokenLayout = CLIP_LAYOUT,
 ) -> ContributionScores:
-    """C[s, l] from DESIGN token batches ({"x" [B, L, d], "token" [B], "image" [B]}).
+    """C[s, l] from token batches of docs/architecture.md ({"x", "token", "image"}).
 
     Args:
         clt: The CLT.

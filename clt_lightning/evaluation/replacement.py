@@ -1,6 +1,6 @@
 """Cascaded replacement: the teacher with its MLPs replaced by the CLT from layer s on.
 
-"Replace s -> L-1 for tokens M" (DESIGN.md): run the frozen teacher; at every layer
+"Replace s -> L-1 for tokens M" (docs/metrics.md, "Cascaded replacement"): run the frozen teacher; at every layer
 l >= s the MLP output of the tokens in M is replaced by the CLT's y_hat_l, whose inputs
 x_i (i <= l) are read from the run being modified; other tokens keep their true MLP
 output. Token modes are the token groups of `clt_lightning.tokens` the model has: "cls",

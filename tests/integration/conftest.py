@@ -5,8 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.integration.tiny_run import quiet_cli, write_config
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Bit-reproducible CPU runs: the same thread count in every run that is compared (and a
+    test that changes it cannot leak its setting into the next)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 
 from clt_lightning.data.cache import open_cache
 from clt_lightning.data.cache_manifest import stats_digest
@@ -26,14 +25,6 @@ from clt_lightning.errors import CacheError
 from tests.integration.tiny_run import kill, quiet_cli, spawn_clt, wait_for, write_config
 
 CASES: list[str] = []
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _scale_stats(m: dict) -> None:

@@ -27,14 +27,6 @@ CASES: list[str] = []
 COMMANDS = ("fit", "validate", "evaluate", "export")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def expect_error(args: list[str], *needles: str, name: str) -> str:
     code, err = quiet_cli(args)
     assert code == 2, f"{name}: exit {code}\n{err[-3000:]}"

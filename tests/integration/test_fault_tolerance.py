@@ -40,15 +40,6 @@ STEPS_PER_EPOCH = N_IMAGES * 17 // 34  # 8
 KILLS: list[str] = []  # kill points survived in this session (printed for reliability.md)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Bit-reproducible CPU runs: the same thread count in every run that is compared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def fit(config: Path, *extra: str) -> None:
     code, err = quiet_cli(["fit", "--config", str(config), *extra])
     assert code == 0, err[-3000:]

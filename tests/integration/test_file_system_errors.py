@@ -31,14 +31,6 @@ FS_CASES: list[str] = []
 N_LATENTS = 600  # last.ckpt ~2.1 MB (weights + AdamW): two do not fit on a 4 MB tmpfs
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _mount(args: list[str]) -> None:
     result = subprocess.run(["mount", *args], capture_output=True, text=True)
     if result.returncode != 0:

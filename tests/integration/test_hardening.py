@@ -41,14 +41,6 @@ BAD_INPUTS: list[str] = []
 PROPERTY_EXAMPLES: dict[str, int] = {}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def expect_error(capsys, args: list[str], *needles: str, name: str, clt_error: bool = True) -> str:
     """Run the CLI; assert exit 2, no traceback, and every needle in stderr."""
     capsys.readouterr()

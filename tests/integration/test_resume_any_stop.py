@@ -29,14 +29,6 @@ from tests.integration.tiny_run import (
 STEPS_PER_EPOCH = 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def fit(config: Path, *extra: str) -> None:
     code, err = quiet_cli(["fit", "--config", str(config), *extra])
     assert code == 0, err[-3000:]

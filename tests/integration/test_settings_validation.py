@@ -27,14 +27,6 @@ from tests.integration.tiny_run import TINY_VIT, quiet_cli, write_config
 SETTING_CASES: list[str] = []
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def expect_setting_error(args: list[str], *needles: str, name: str) -> str:
     code, err = quiet_cli(args)
     assert code == 2, f"{name}: exit {code}\n{err[-3000:]}"
