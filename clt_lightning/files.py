@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
 import shutil
 import tempfile
@@ -187,15 +186,6 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write UTF-8 text atomically (see `atomic_write_bytes`)."""
     return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def sha256_file(path: str | Path, chunk_bytes: int = 2**24) -> str:
-    """Hex sha256 of a file, read in chunks (constant memory)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk_bytes), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def staging_folder(path: Path) -> Path:

@@ -38,7 +38,6 @@ Design decisions:
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import logging
 from collections.abc import Callable
@@ -56,6 +55,7 @@ from torch import Tensor, nn
 from clt_lightning.backbones.registry import check_family, wrap
 from clt_lightning.backbones.timm_vit import build_timm, timm_preprocess
 from clt_lightning.errors import CheckpointMismatchError, ConfigError, DataNotFoundError
+from clt_lightning.hashing import file_sha256, json_sha256, tensors_sha256
 from clt_lightning.teacher_checks import (
     validate_device,
     validate_vision_config,
@@ -324,16 +324,11 @@ class Teacher(nn.Module):
     def _model_config_sha256(self) -> str | None:
         if self._model_config_path is None:
             return None
-        canonical = json.dumps(_read_json(self._model_config_path), sort_keys=True)
-        return hashlib.sha256(canonical.encode()).hexdigest()
+        return json_sha256(_read_json(self._model_config_path))
 
     @cached_property
     def _params_sha256(self) -> str:
-        digest = hashlib.sha256()
-        for name, tensor in sorted(self.model.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-        return digest.hexdigest()
+        return tensors_sha256(self.model.state_dict())
 
     # ------------------------------------------------------------------ forward pieces
 
@@ -477,15 +472,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"teacher.model_config {path} must hold a JSON object")
     return data
-
-
-def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    """sha256 hex digest of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def validate_model_name(name: str) -> None:

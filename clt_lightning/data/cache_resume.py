@@ -33,7 +33,7 @@ from clt_lightning.errors import (
     CorruptShardError,
     DiskSpaceError,
 )
-from clt_lightning.files import sha256_file
+from clt_lightning.hashing import file_sha256
 
 try:  # POSIX only; elsewhere concurrent writers are not detected.
     import fcntl
@@ -100,7 +100,7 @@ def _check_listed_shards(out_dir: Path, manifest: Mapping[str, Any]) -> None:
             )
     for record in tqdm(shards, desc="verifying written shards", unit="shard", leave=False):
         path = out_dir / record["file"]
-        if sha256_file(path) != record["sha256"]:
+        if file_sha256(path) != record["sha256"]:
             raise CorruptShardError(
                 f"{path} does not match its sha256 in {out_dir / MANIFEST_NAME} (corrupted "
                 f"since it was written); delete {out_dir} and rerun to rebuild the cache"

@@ -43,7 +43,6 @@ Design decisions:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import json
 import logging
@@ -71,7 +70,8 @@ from clt_lightning.data.streams import (
 )
 from clt_lightning.errors import CacheError, ConfigError
 from clt_lightning.files import require_folder
-from clt_lightning.teacher import Teacher, TeacherConfig, file_sha256
+from clt_lightning.hashing import file_sha256, json_sha256
+from clt_lightning.teacher import Teacher, TeacherConfig
 from clt_lightning.teacher_checks import validate_device
 from clt_lightning.tokens import TokenLayout
 
@@ -246,10 +246,10 @@ def cache_config_mismatches(
 def _model_config_sha256(path: str) -> str | None:
     """The teacher identity's `model_config_sha256`: sha256 of the JSON with sorted keys."""
     try:
-        canonical = json.dumps(json.loads(Path(path).read_text()), sort_keys=True)
+        config = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError):
         return None  # the teacher reports the bad file when it is built
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return json_sha256(config)
 
 
 class ActivationDataModule(L.LightningDataModule):

@@ -19,8 +19,6 @@ Design decisions:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -38,6 +36,7 @@ from tqdm import tqdm
 from clt_lightning.errors import ConfigError
 from clt_lightning.evaluation._io import atomic_write_bytes
 from clt_lightning.evaluation.zeroshot import teacher_fingerprint
+from clt_lightning.hashing import json_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +114,7 @@ def probe_key(teacher: Any, dataset: Any, class_names: list[str], settings: dict
         "class_names": list(class_names),
         "settings": settings,
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+    return json_sha256(payload)
 
 
 def build_probe(

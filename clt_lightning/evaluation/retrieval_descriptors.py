@@ -472,11 +472,3 @@ def _fsync_replace(temp: Path, final: Path) -> None:
 def _write_json_atomic(path: Path, payload: dict) -> None:
     text = json.dumps(payload, indent=1, allow_nan=False) + "\n"  # NaN is not JSON
     atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(2**24), b""):
-            digest.update(block)
-    return digest.hexdigest()

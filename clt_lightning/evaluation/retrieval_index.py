@@ -34,9 +34,9 @@ from clt_lightning.evaluation.retrieval_descriptors import (
     SIMILARITIES,
     _check_choice,
     _fsync_replace,
-    _sha256_file,
 )
 from clt_lightning.files import is_disk_full
+from clt_lightning.hashing import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -363,4 +363,4 @@ def _write_index_atomic(index: faiss.Index, path: Path) -> str:
             ) from error
         raise
     _fsync_replace(temp, path)
-    return _sha256_file(path)
+    return file_sha256(path)

@@ -30,9 +30,9 @@ from clt_lightning.errors import (
 from clt_lightning.evaluation.retrieval_descriptors import (
     QueryDescriptors,
     _json_normal,
-    _sha256_file,
 )
 from clt_lightning.evaluation.retrieval_index import _set_nprobe, prepare_vectors, to_search_device
+from clt_lightning.hashing import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def _read_layer_index(path: Path, manifest: dict, layer: int, verify: bool) -> f
     file = path / name
     if not file.is_file():
         raise CacheError(f"retrieval index file {file} is missing; {REBUILD_HINT}")
-    if verify and _sha256_file(file) != manifest["files"].get(name):
+    if verify and file_sha256(file) != manifest["files"].get(name):
         raise CacheError(f"retrieval index file {file} fails its sha256 check; {REBUILD_HINT}")
     index = faiss.read_index(str(file))
     if index.ntotal != manifest["n_images"] or index.d != manifest["dim"]:

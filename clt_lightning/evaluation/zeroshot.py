@@ -17,8 +17,6 @@ Design decisions:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,6 +31,7 @@ from torch import Tensor
 
 from clt_lightning.errors import ConfigError
 from clt_lightning.evaluation._io import atomic_write_bytes
+from clt_lightning.hashing import json_sha256, tensors_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -194,15 +193,10 @@ def teacher_fingerprint(teacher: Any) -> str:
     Returns:
         64 hex characters.
     """
-    digest = hashlib.sha256()
     identity = getattr(teacher, "identity", None)
     if callable(identity):
-        digest.update(json.dumps(identity(), sort_keys=True, default=str).encode())
-        return digest.hexdigest()
-    for name, tensor in sorted(teacher.clip.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+        return json_sha256(identity())
+    return tensors_sha256(teacher.clip.state_dict())
 
 
 def _cache_key(teacher: Any, kind: str, class_names: Sequence[str], templates: list[str]) -> str:
@@ -212,7 +206,7 @@ def _cache_key(teacher: Any, kind: str, class_names: Sequence[str], templates: l
         "class_names": list(class_names),
         "templates": templates,
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return json_sha256(payload)
 
 
 def _cached(cache_dir: str | Path | None, key: str, build: Callable[[], Tensor]) -> Tensor:

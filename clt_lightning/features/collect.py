@@ -47,6 +47,7 @@ from clt_lightning.features.stats import (
     one_cpu_thread,
 )
 from clt_lightning.features.topk import GROUPS, TopNStore, store_bytes
+from clt_lightning.hashing import json_sha256, tensors_sha256
 from clt_lightning.tokens import layout_of
 
 log = logging.getLogger(__name__)
@@ -313,9 +314,9 @@ def build_features(
     folder = Path(output_dir)
     identity = dataset.identity() if callable(getattr(dataset, "identity", None)) else {}
     fingerprints = {
-        "clt": store.tensors_sha256(clt.state_dict()),
+        "clt": tensors_sha256(clt.state_dict()),
         "teacher": zeroshot.teacher_fingerprint(teacher),
-        "dataset": store.json_sha256(identity),
+        "dataset": json_sha256(identity),
     }
     store.prepare_folder(folder, fingerprints, config.overwrite)
     result = collect(teacher, clt, dataset, config, progress=progress)

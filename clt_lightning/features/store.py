@@ -24,7 +24,6 @@ Design decisions:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -48,22 +47,6 @@ FORMAT_VERSION = 1
 MANIFEST = "features.json"
 TENSORS = "features.safetensors"
 WRITING = ".features-writing.json"
-
-
-def tensors_sha256(tensors: dict[str, Tensor]) -> str:
-    """sha256 of named tensors (names sorted; values as float32/int bytes on the CPU)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(tensors.items()):
-        digest.update(name.encode())
-        t = tensor.detach().cpu()
-        t = t.float() if t.is_floating_point() else t
-        digest.update(t.contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def json_sha256(payload: Any) -> str:
-    """sha256 of a JSON-able payload serialised with sorted keys."""
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def folder_fingerprints(folder: Path) -> dict[str, str] | None:

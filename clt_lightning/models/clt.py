@@ -49,8 +49,8 @@ from clt_lightning.files import (
     commit_folder,
     previous_folder,
     recover_folder,
-    sha256_file,
 )
+from clt_lightning.hashing import file_sha256
 from clt_lightning.models.sparsifiers import (
     AbsTopK,
     LossContext,
@@ -703,7 +703,7 @@ def _export_owned(entry: Path) -> bool:
 
 def _check_weights_hash(weights: Path, expected: str | None, config: Path) -> None:
     """Exports since config.json recorded `weights_sha256`: the pair must belong together."""
-    if expected is not None and sha256_file(weights) != expected:
+    if expected is not None and file_sha256(weights) != expected:
         raise CheckpointMismatchError(
             f"{weights} is not the weights file {config} was written with (sha256 differs): "
             "the folder mixes two exports, or the weights were edited; export the checkpoint "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,6 @@ from clt_lightning.files import (
     previous_folder,
     recover_folder,
     retire_folder,
-    sha256_file,
     staging_folder,
 )
 
@@ -95,11 +93,6 @@ def test_kept_entries_are_carried_over(tmp_path):
         write(staging, "new", ("a.txt",))
     assert tree(out) == {"a.txt": b"a.txt new", "sub/x.txt": b"kept"}
 
-
-def test_sha256_file_matches_hashlib(tmp_path):
-    data = bytes(range(256)) * 1000
-    (tmp_path / "f").write_bytes(data)
-    assert sha256_file(tmp_path / "f", chunk_bytes=1000) == hashlib.sha256(data).hexdigest()
 
 
 def test_evaluation_folders_keep_per_epoch_results(tmp_path):
