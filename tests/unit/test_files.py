@@ -94,7 +94,6 @@ def test_kept_entries_are_carried_over(tmp_path):
     assert tree(out) == {"a.txt": b"a.txt new", "sub/x.txt": b"kept"}
 
 
-
 def test_evaluation_folders_keep_per_epoch_results(tmp_path):
     """`evaluation/epoch_XX` (EvaluationCallback) survives the fit-end rewrite of
     `evaluation/`; a leftover of a killed per-epoch evaluation does not block it."""
