@@ -188,12 +188,8 @@ def collect(
     n_layers, n_latents, n_tokens = clt.n_layers, clt.n_latents, teacher.tokens_per_image
     signed = bool(getattr(clt.sparsifier, "signed", False))
     size = store_bytes(n_layers, n_latents, config.n_top, n_tokens) / 1e6
-    log.info(
-        "features: %d images; top-N store %.1f MB (L x F x N x %d groups)",
-        len(ids),
-        size,
-        len(GROUPS),
-    )
+    log.info("features: %d images; top-N store %.1f MB (L x F x N x %d groups)", len(ids), size,
+             len(GROUPS))  # fmt: skip
     top = TopNStore(n_layers, n_latents, config.n_top, n_tokens, signed=signed, device=device)
     stats = LatentStats(n_layers, n_latents, config.histogram_bins, config.histogram_range, device)
     contributions = effects.LatentContributions(clt)
@@ -209,12 +205,7 @@ def collect(
         if has_ln_post:
             sigma = effects.ln_post_scale(teacher, out.h)
             sigma_sum, sigma_count = sigma_sum + float(sigma.sum()), sigma_count + sigma.numel()
-        for layer in range(n_layers):
-            z = clt.encode_layer(layer, out.x[layer].to(clt.W_enc.dtype)).float()  # [n, T, F]
-            with one_cpu_thread(z.device):  # many small ops: see `one_cpu_thread`
-                firings = Firings.of(z)  # one scan of z, shared by the store and counters
-                top.update(layer, z, image_ids, firings)
-                stats.update(layer, z, firings)
+        _record_latents(clt, out.x, image_ids, top, stats)
         n_contrib = max(0, min(n, budget - seen))
         if n_contrib:  # [n_contrib * T, L, d] teacher-forced inputs
             contributions.update(torch.stack(out.x, 2)[:n_contrib].flatten(0, 1))
@@ -229,6 +220,19 @@ def collect(
         "signed": signed,
     }
     return PassResult(tensors, facts)
+
+
+def _record_latents(
+    clt: Any, inputs: list[torch.Tensor], image_ids: torch.Tensor, top: TopNStore,
+    stats: LatentStats,
+) -> None:  # fmt: skip
+    """Encode each layer's teacher input ([n, T, d]) and feed the top-N store and counters."""
+    for layer, x in enumerate(inputs):
+        z = clt.encode_layer(layer, x.to(clt.W_enc.dtype)).float()  # [n, T, F]
+        with one_cpu_thread(z.device):  # many small ops: see `one_cpu_thread`
+            firings = Firings.of(z)  # one scan of z, shared by the store and counters
+            top.update(layer, z, image_ids, firings)
+            stats.update(layer, z, firings)
 
 
 def _store_tensors(

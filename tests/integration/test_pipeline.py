@@ -2,7 +2,7 @@
 
 cache -> fit -> evaluate -> export -> retrieve, each checked against an independent
 computation: cached activations against open_clip's own `ln_2`/`mlp` outputs, the exported
-CLT against the checkpoint's, the evaluation files against the DESIGN's contracts.
+CLT against the checkpoint's, the evaluation files against the contracts in docs/metrics.md.
 """
 
 from __future__ import annotations
