@@ -7,9 +7,9 @@ kernel every step, measured at ~1 GB/s on the project's machines (2.2 s per step
 bandwidth (~0.3 s). The CUDA caching allocator already reuses memory, so recycling is
 CPU-only.
 
-THIS MODULE USES A PRIVATE TORCH CALL: ``torch._C._storage_Use_Count`` (and the storage's
-``_cdata`` handle), the only way to ask how many tensors view a storage, which the safety
-rule below needs. It is kept because of what it buys, measured by
+THIS MODULE USES A PRIVATE TORCH CALL: ``_storage_Use_Count`` of torch's C extension (and
+the storage's ``_cdata`` handle), the only way to ask how many tensors view a storage,
+which the safety rule below needs. It is kept because of what it buys, measured by
 ``benchmarks/bench_train_step.py`` (row ``breakdown_step_full_no_recycling`` of
 ``docs/benchmarks.md``: the whole sparse step with the recycler switched off). If a torch
 release drops the call, `storage_use_count_available()` is False and every recycler

@@ -14,6 +14,7 @@ from clt_lightning.errors import CheckpointMismatchError, ConfigError, DataNotFo
 from clt_lightning.models import clt as clt_module
 from clt_lightning.models.clt import CrossLayerTranscoder, scale_from_mean_sq_norm
 from clt_lightning.models.encoding import SparseCodes, codes_to_dense
+from clt_lightning.models.sparse_decode import sparse_decode
 from clt_lightning.models.sparsifiers import SparsifierConfig
 
 B, L, D, F = 5, 3, 8, 32
@@ -294,11 +295,10 @@ def test_topk_gradients_same_in_sparse_and_dense_modes(name: str) -> None:
         torch.testing.assert_close(sparse_grad, dense_grad, rtol=1e-4, atol=1e-5)
 
 
-def test_real_sparse_decode_module_if_present() -> None:
-    module = pytest.importorskip("clt_lightning.models.sparse_decode")
+def test_real_sparse_decode_module() -> None:
     model = make_model("relu_topk", decode="sparse")
     out = model(torch.randn(B, L, D))
-    got = module.sparse_decode(out.encoding.codes, list(model.W_dec), model.b_dec)
+    got = sparse_decode(out.encoding.codes, list(model.W_dec), model.b_dec)
     expected = reference_sparse_decode(out.encoding.codes, list(model.W_dec), model.b_dec)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
