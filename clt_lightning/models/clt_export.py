@@ -99,20 +99,14 @@ def export_config(clt: CrossLayerTranscoder) -> dict[str, Any]:
 
 
 def save_export(clt: CrossLayerTranscoder, path: str | Path) -> Path:
-    """Write config.json and clt.safetensors (scales folded in; reads raw activations).
-
-    The folder is replaced as a whole (old export or new, never a mix, even when killed).
+    """`CrossLayerTranscoder.save_pretrained`: the export folder of `clt`, as one unit.
 
     Args:
         clt: The CLT to export.
-        path: Output directory (created if missing; an existing export is replaced).
+        path: Output directory (see `save_pretrained` for what it may hold and the errors).
 
     Returns:
         The directory.
-
-    Raises:
-        CheckpointMismatchError: A weight is NaN or Inf (names the tensor).
-        ConfigError: `path` is a file or holds files other than an export's.
     """
     path = Path(path)
     tensors = export_tensors(clt)
