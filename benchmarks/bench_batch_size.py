@@ -35,7 +35,7 @@ import torch
 
 from benchmarks.bench_memory import step_memory
 from benchmarks.bench_train_step import set_mode, settings, setup, step
-from clt_lightning.models.sparse_decode import GRAD_RECYCLER
+from clt_lightning.models.gradient_recycler import GRAD_RECYCLER
 from clt_lightning.module import CLTModule
 
 BATCHES, QUICK_BATCHES = (128, 512, 2048), (16, 64)

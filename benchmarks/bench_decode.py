@@ -21,7 +21,7 @@ the step allocates through PyTorch's CPU allocator; scratch memory that MKL/oneD
 allocate for themselves is not seen. The memory run is separate from the timed runs
 (the profiler slows ops down). Both include the dense ``W_dec`` gradient
 (``weight_grad_bytes``, the same for every variant), which dominates at the paper shape:
-the embedding-bag backend takes it from ``sparse_decode.GRAD_RECYCLER``, which reuses it
+the embedding-bag backend takes it from ``gradient_recycler.GRAD_RECYCLER``, which reuses it
 from step to step (its timed steps do), but the recycler is emptied before the memory
 step so that the gradient counts there as it does for the other variants. The recycler
 is also emptied before each variant, so no variant holds another's buffers.
@@ -39,7 +39,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from clt_lightning.models.sparse_decode import GRAD_RECYCLER, _triton_available, sparse_decode
+from benchmarks.gather_decode import gather_decode
+from clt_lightning.models.gradient_recycler import GRAD_RECYCLER
+from clt_lightning.models.sparse_decode import sparse_decode
+from clt_lightning.models.triton_decode import triton_available
 
 PAPER_SHAPE = {"n_layers": 12, "d_model": 768, "n_latents": 12_288, "k": 128}
 QUICK_SHAPE = {"n_layers": 4, "d_model": 64, "n_latents": 1024, "k": 32}
@@ -84,7 +87,7 @@ def _run(quick: bool) -> list[dict]:
         "sparse_embedding_bag": lambda: _sparse_step(values, indices, W_dec, b_dec, grad_out),
         "sparse_gather": lambda: _sparse_step(values, indices, W_dec, b_dec, grad_out, "gather"),
     }
-    if device.type == "cuda" and _triton_available():
+    if device.type == "cuda" and triton_available():
         variants["sparse_triton"] = lambda: _sparse_step(
             values, indices, W_dec, b_dec, grad_out, "triton"
         )
@@ -225,8 +228,11 @@ def _sparse_step(
     grad_out: Tensor,
     backend: str = "torch",
 ) -> object:
-    """Sparse decoder forward + backward."""
-    y = sparse_decode((values, indices), W_dec, b_dec, backend=backend)
+    """Sparse decoder forward + backward (``gather``: the baseline of `gather_decode.py`)."""
+    if backend == "gather":
+        y = gather_decode((values, indices), W_dec, b_dec)
+    else:
+        y = sparse_decode((values, indices), W_dec, b_dec, backend=backend)
     return torch.autograd.grad(y, [values, *W_dec, b_dec], grad_out)
 
 

@@ -14,7 +14,7 @@ themselves is not seen):
 - ``static_bytes``: parameters + gradients + the two AdamW moments = 4 x 4 bytes per
   parameter (13.59 GB at the paper shape); the same in both modes.
 - ``peak_total_bytes``: what existed at the start of the step (parameters, AdamW moments,
-  and in sparse mode the gradient buffers that `sparse_decode.GRAD_RECYCLER` keeps between
+  and in sparse mode the gradient buffers that `gradient_recycler.GRAD_RECYCLER` keeps between
   steps) + ``peak_new_bytes``. A dense-only run keeps no such buffers: they are released
   before every dense step, so the dense step is measured as in a dense-only run.
 - ``peak_activation_bytes`` = ``peak_total_bytes`` - ``static_bytes``: what the step needs
@@ -39,7 +39,7 @@ from benchmarks.bench_train_step import (
     step,
     use_sparsifier,
 )
-from clt_lightning.models.sparse_decode import GRAD_RECYCLER
+from clt_lightning.models.gradient_recycler import GRAD_RECYCLER
 from clt_lightning.models.sparsifiers import SparsifierConfig
 from clt_lightning.module import CLTModule
 

@@ -10,7 +10,7 @@ so both modes share weights, batch and optimizer; steps are interleaved (dense, 
 sparse, dense, ...) and the median of each mode is reported. ``ratio_vs_dense`` = sparse
 tokens/s over dense tokens/s. Dense mode is the unchanged dense path: one einsum encoder,
 dense [B, L, F] activations, one GEMM per source layer. Sparse mode for ReLU-/Abs-TopK is
-the fused path (`sparse_decode.topk_encode` + `sparse_decode`); BatchTopK decodes its codes
+the fused path (`topk_encode.topk_encode` + `sparse_decode`); BatchTopK decodes its codes
 sparsely but keeps the dense encoder (its selection spans the batch); JumpReLU decodes
 densely in training in both modes, by design (its threshold gradient needs dLoss/dz of
 latents below the threshold), so its two rows time the same path.
@@ -50,8 +50,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from clt_lightning.models.sparse_decode import GRAD_RECYCLER, topk_encode
+from clt_lightning.models.gradient_recycler import GRAD_RECYCLER
 from clt_lightning.models.sparsifiers import SparsifierConfig, build_sparsifier
+from clt_lightning.models.topk_encode import topk_encode
 from clt_lightning.module import CLTModule
 
 PAPER_SHAPE = {"n_layers": 12, "d_model": 768, "n_latents": 12_288, "k": 128}
@@ -324,7 +325,7 @@ def set_mode(module: CLTModule, mode: str) -> None:
 def fused_path(module: CLTModule) -> bool:
     """Whether a training step in the current mode takes the fused TopK encoder."""
     with torch.enable_grad():
-        return module.clt._fused_topk_applies()
+        return module.clt.sparsifier.fuses(module.clt.decode_request())
 
 
 def _forward_loss(module: CLTModule, batch: dict[str, Tensor]) -> float:

@@ -468,7 +468,7 @@ SPECS: dict[str, Spec] = {
             "`W_enc`/`b_enc`: no decoder) and `step_adamw_only` (`optimizer.step()` over "
             "all parameters, the update any step makes); `vs floors` = full seconds / "
             "(encoder-only + AdamW-only seconds). `step_full_no_recycling` is the step "
-            "with `sparse_decode.GRAD_RECYCLER` disabled (fresh gradients every step): "
+            "with `gradient_recycler.GRAD_RECYCLER` disabled (fresh gradients every step): "
             "`vs no recycling` = its seconds over the recycled step's, the measured case "
             "for the recycler (which relies on `torch._C._storage_Use_Count` and falls back "
             "to fresh gradients where torch lacks it)."

@@ -15,77 +15,47 @@ Design decisions (equations, initialisation and the export format are in docs/mo
 - Encoders are one [L, d, F] parameter (one batched einsum). Decoders are stored per source
   layer as W_dec[s]: [F, L - s, d] (index j is target s + j), circuit-tracer's layout, so
   the triangle costs L(L+1)/2 blocks and export needs no reshuffling.
-- Sparse decoding lives in `models/sparse_decode.py` and is imported lazily; without it,
-  codes are scattered into a dense tensor and decoded densely (same result).
+- The CLT computes pre-activations and decodes; everything in between belongs to the
+  sparsifier (`models/sparsifiers.py`): `forward` asks it for the encoding of the batch
+  (`Sparsifier.encode`, which may fuse the encoder with its selection and return only
+  codes) and decodes the codes sparsely (`models/sparse_decode.py`) when the decode mode
+  asks for it, else the dense z. No code path depends on the sparsifier's class.
 - `save_pretrained` folds the scales into the weights so the exported CLT reads raw
-  activations, with circuit-tracer's tensor names. The folder is committed as a unit
-  (`files.commit_folder`: written beside it, then swapped in), and config.json records the
-  weights' sha256, so a reader never pairs one export's config with another's weights.
-  Non-finite weights are refused on export and on load, naming the tensor.
+  activations, with circuit-tracer's tensor names (`models/clt_export.py`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import functools
-import hashlib
-import json
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
-from clt_lightning.checkpoint_contents import raise_non_finite
-from clt_lightning.errors import CheckpointMismatchError, ConfigError, DataNotFoundError
-from clt_lightning.files import (
-    atomic_write_bytes,
-    commit_folder,
-    previous_folder,
-    recover_folder,
-)
-from clt_lightning.hashing import file_sha256
-from clt_lightning.models.sparsifiers import (
-    AbsTopK,
-    LossContext,
-    ReLUTopK,
+from clt_lightning.errors import CheckpointMismatchError, ConfigError
+from clt_lightning.models import clt_export
+from clt_lightning.models.encoding import (
+    DecodeRequest,
+    EncoderInput,
+    Encoding,
     SparseCodes,
-    SparsifierConfig,
-    build_sparsifier,
     codes_to_dense,
 )
+from clt_lightning.models.sparse_decode import sparse_decode
+from clt_lightning.models.sparsifiers import LossContext, SparsifierConfig, build_sparsifier
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "clt.safetensors"
 DECODE_MODES = ("dense", "sparse", "auto")
 AUTO_SPARSE_RATIO = 8
 """`auto` decodes sparsely when k * AUTO_SPARSE_RATIO <= F (gathers beat a dense matmul)."""
-OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd_momentum": 1, "sgd": 0}
-"""Per-parameter state tensors kept by each optimizer (for `memory_estimate`)."""
-
-SparseDecodeFn = Callable[[SparseCodes, Sequence[Tensor], Tensor], Tensor]
-
-
-class Encoding(NamedTuple):
-    """What `CrossLayerTranscoder.encode` returns (scaled space)."""
-
-    pre: Tensor | None
-    """Pre-activations x_s @ W_enc + b_enc, [B, L, F]; None on the fused TopK path."""
-    z: Tensor | None
-    """Latent activations [B, L, F] (dense, mostly zero); None on the fused TopK path."""
-    codes: SparseCodes | None
-    """The active latents as values/indices [B, L, k], when the sparsifier made them."""
-    aux_codes: SparseCodes | None = None
-    """AuxK codes of dead latents, chosen by the fused TopK encoder (None elsewhere)."""
+OPTIMIZER_STATES = {"adamw": 2}
+"""Per-parameter state tensors kept by the optimizer `CLTModule` trains with (AdamW's two
+moments), for `memory_estimate`."""
 
 
 class CLTOutput(NamedTuple):
@@ -110,38 +80,6 @@ def scale_from_mean_sq_norm(mean_sq_norm: Tensor, d_model: int) -> Tensor:
         sqrt(d_model / mean_sq_norm) as float32 [L].
     """
     return torch.sqrt(d_model / torch.as_tensor(mean_sq_norm, dtype=torch.float64)).float()
-
-
-def _is_distributed() -> bool:
-    """Whether this process is one of several ranks of an initialised process group."""
-    dist = torch.distributed
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _aux_fields(result: Any) -> dict[str, Tensor]:
-    return {"aux_values": result.aux_values, "aux_indices": result.aux_indices}
-
-
-def _load_topk_encode() -> Callable[..., Any] | None:
-    """`topk_encode` from `models/sparse_decode.py`, or None when that module is absent."""
-    if _load_sparse_decode() is None:
-        return None
-    from clt_lightning.models.sparse_decode import topk_encode
-
-    return topk_encode
-
-
-@functools.lru_cache(maxsize=1)
-def _load_sparse_decode() -> SparseDecodeFn | None:
-    """`sparse_decode` from `models/sparse_decode.py`, or None when that module is absent."""
-    try:
-        from clt_lightning.models.sparse_decode import sparse_decode
-    except ModuleNotFoundError as err:
-        if err.name != "clt_lightning.models.sparse_decode":
-            raise
-        log.warning("clt_lightning.models.sparse_decode is missing; decoding codes densely")
-        return None
-    return sparse_decode
 
 
 class CrossLayerTranscoder(nn.Module):
@@ -259,16 +197,16 @@ class CrossLayerTranscoder(nn.Module):
         return y * self.output_scale[:, None].to(y.dtype)
 
     # ------------------------------------------------------------------ encode / decode
+    # ------------------------------------------------------------------ encode / decode
 
-    def _want_codes(self) -> bool:
-        if not self.sparsifier.sparse_grad_exact and torch.is_grad_enabled():
-            return False  # `forward` decodes densely anyway (JumpReLU), codes would be wasted
-        if self.decode_mode == "sparse":
-            return True
-        return self.decode_mode == "auto" and self.sparsifier.codes_are_cheap
+    def decode_request(self) -> DecodeRequest:
+        """How this CLT decodes: its `decode` mode and the widest codes `auto` decodes
+        sparsely (F // AUTO_SPARSE_RATIO); what `Sparsifier.encode` plans for."""
+        return DecodeRequest(self.decode_mode, self.n_latents // AUTO_SPARSE_RATIO)
 
     def encode(self, x: Tensor) -> Encoding:
-        """Encode all layers at once (training mode also updates dead-latent statistics).
+        """Encode all layers at once, unfused (training mode also updates dead-latent
+        statistics).
 
         Args:
             x: Raw MLP inputs [B, L, d].
@@ -277,7 +215,8 @@ class CrossLayerTranscoder(nn.Module):
             Encoding(pre [B, L, F], z [B, L, F], codes [B, L, k] or None).
         """
         pre = self.pre_activations(x)
-        z, codes = self.sparsifier.activate(pre, want_codes=self._want_codes())
+        wanted = self.sparsifier.wants_codes(self.decode_request())
+        z, codes = self.sparsifier.activate(pre, want_codes=wanted)
         return Encoding(pre, z, codes)
 
     def pre_activations(self, x: Tensor) -> Tensor:
@@ -290,7 +229,10 @@ class CrossLayerTranscoder(nn.Module):
             pre [B, L, F] = (x_l * input_scale_l) @ W_enc[l] + b_enc[l].
         """
         self._check_activations("x", x)
-        return torch.einsum("bld,ldf->blf", self.scale_inputs(x), self.W_enc) + self.b_enc
+        return self._encoder_input(x).pre_activations()
+
+    def _encoder_input(self, x: Tensor) -> EncoderInput:
+        return EncoderInput(self.scale_inputs(x), self.W_enc, self.b_enc)
 
     def encode_layer(self, layer: int, x: Tensor) -> Tensor:
         """Encode one layer (for layer-by-layer replacement); no statistics update.
@@ -307,13 +249,7 @@ class CrossLayerTranscoder(nn.Module):
         return self.sparsifier.activate_layer(layer, pre)
 
     def _prefers_sparse(self, codes: SparseCodes | None) -> bool:
-        if codes is None or self.decode_mode == "dense":
-            return False
-        if self.decode_mode == "auto" and codes.values.shape[-1] * AUTO_SPARSE_RATIO > (
-            self.n_latents
-        ):
-            return False
-        return _load_sparse_decode() is not None
+        return codes is not None and self.decode_request().decodes_sparsely(codes.values.shape[-1])
 
     def decode_scaled(self, z: Tensor | SparseCodes, bias: bool = True) -> Tensor:
         """Decode in scaled space.
@@ -327,7 +263,6 @@ class CrossLayerTranscoder(nn.Module):
         """
         if isinstance(z, SparseCodes):
             if self._prefers_sparse(z):
-                sparse_decode = _load_sparse_decode()
                 b_dec = self.b_dec if bias else torch.zeros_like(self.b_dec)
                 return sparse_decode(z, list(self.W_dec), b_dec)
             z = codes_to_dense(z, self.n_latents)
@@ -354,64 +289,16 @@ class CrossLayerTranscoder(nn.Module):
         """
         return self.decode_scaled(z) / self.output_scale[:, None]
 
-    def _fused_topk_applies(self) -> bool:
-        """Whether `forward` takes the fused TopK path (see `forward`)."""
-        sparsifier = self.sparsifier
-        if not (self.training and torch.is_grad_enabled()):
-            return False
-        if type(sparsifier) not in (ReLUTopK, AbsTopK):  # per-token TopK only (not BatchTopK)
-            return False
-        if self.decode_mode == "dense" or (
-            self.decode_mode == "auto"
-            and self.sparsifier_config.k * AUTO_SPARSE_RATIO > self.n_latents
-        ):
-            return False
-        return _load_topk_encode() is not None and _load_sparse_decode() is not None
-
-    def _encode_fused(self, x: Tensor) -> Encoding:
-        """Training encode of relu/abs TopK through `sparse_decode.topk_encode`.
-
-        Args:
-            x: Raw MLP inputs [B, L, d].
-
-        Returns:
-            Encoding(None, None, codes [B, L, k], aux_codes [B, L, k_aux] or None); the
-            dead-latent statistics are updated from the batch's fired latents.
-        """
-        self._check_activations("x", x)
-        sparsifier, config = self.sparsifier, self.sparsifier_config
-        topk_encode = functools.partial(
-            _load_topk_encode(),
-            self.scale_inputs(x),
-            self.W_enc,
-            self.b_enc,
-            config.k,
-            signed=sparsifier.signed,
-            aux_k=min(config.aux_k, self.n_latents),
-        )
-        distributed = _is_distributed()
-        # One pass picks the AuxK codes from this batch's fired latents. Under DDP "dead"
-        # depends on every rank's batch (`record_fired` all-reduces), known only after the
-        # pass: a second pass then picks them among the dead latents (only when some are).
-        candidates = None if distributed else sparsifier.aux_candidates(x.shape[0])
-        result = topk_encode(aux_candidates=candidates)
-        sparsifier.record_fired(result.fired, x.shape[0])
-        if distributed and config.aux_coeff > 0:
-            dead = sparsifier.dead_mask()
-            if bool(dead.any()):
-                result = result._replace(**_aux_fields(topk_encode(aux_candidates=dead)))
-        codes = SparseCodes(result.values, result.indices)
-        aux = SparseCodes(result.aux_values, result.aux_indices)
-        return Encoding(None, None, codes, aux if aux.values.shape[-1] else None)
-
     def forward(self, x: Tensor) -> CLTOutput:
         """Encode and decode every layer.
 
-        Training ReLU-/Abs-TopK with sparse decoding (`decode="sparse"`, or `"auto"` with
-        k * 8 <= F) and gradients enabled takes a fused path: `sparse_decode.topk_encode`
-        computes the codes layer by layer and back-propagates only through the kept
-        latents, so no [B, L, F] tensor is kept; `encoding.pre` and `encoding.z` are then
-        None (the AuxK codes travel in `encoding.aux_codes`). Same values and gradients.
+        The sparsifier encodes (`Sparsifier.encode`). Training ReLU-/Abs-TopK with sparse
+        decoding (`decode="sparse"`, or `"auto"` with k * 8 <= F) and gradients enabled
+        takes a fused path: the codes are computed layer by layer and back-propagate only
+        through the kept latents, so no [B, L, F] tensor is kept; `encoding.pre` and
+        `encoding.z` are then None (the AuxK codes travel in `encoding.aux_codes`). Same
+        values and gradients. Codes are decoded sparsely when the decode mode asks for it
+        (or when there is no z), else z densely.
 
         Args:
             x: Raw MLP inputs [B, L, d].
@@ -419,16 +306,10 @@ class CrossLayerTranscoder(nn.Module):
         Returns:
             CLTOutput(y_hat raw [B, L, d], y_hat_scaled [B, L, d], encoding).
         """
-        if self._fused_topk_applies():
-            encoding = self._encode_fused(x)
-            y_hat_scaled = self.decode_scaled(encoding.codes)
-            return CLTOutput(y_hat_scaled / self.output_scale[:, None], y_hat_scaled, encoding)
-        encoding = self.encode(x)
-        use_codes = self._prefers_sparse(encoding.codes) and (
-            self.sparsifier.sparse_grad_exact or not torch.is_grad_enabled()
-        )
-        source = encoding.codes if use_codes else encoding.z
-        y_hat_scaled = self.decode_scaled(source)
+        self._check_activations("x", x)
+        encoding = self.sparsifier.encode(self._encoder_input(x), self.decode_request())
+        use_codes = encoding.z is None or self._prefers_sparse(encoding.codes)
+        y_hat_scaled = self.decode_scaled(encoding.codes if use_codes else encoding.z)
         return CLTOutput(y_hat_scaled / self.output_scale[:, None], y_hat_scaled, encoding)
 
     def decode_target(self, target: int, zs: Sequence[Tensor]) -> Tensor:
@@ -514,7 +395,7 @@ class CrossLayerTranscoder(nn.Module):
         """Bytes for parameters, gradients and optimizer states (activations excluded).
 
         Args:
-            optimizer: `adamw`/`adam` (2 states), `sgd_momentum` (1) or `sgd` (0).
+            optimizer: `adamw` (2 states: the optimizer of `CLTModule`).
             bytes_per_value: 4 for fp32.
 
         Returns:
@@ -528,53 +409,18 @@ class CrossLayerTranscoder(nn.Module):
 
     # ------------------------------------------------------------------ export
 
-    @torch.no_grad()
     def export_tensors(self) -> dict[str, Tensor]:
         """Per-layer tensors with the scales folded in, named as circuit-tracer names them.
 
         Returns:
-            W_enc_{i} [F, d], b_enc_{i} [F], W_dec_{i} [F, L - i, d], b_dec_{i} [d] and,
-            for threshold-based sparsifiers, threshold_{i} [F]; all contiguous, on the CPU.
+            See `clt_export.export_tensors`: W_enc_{i} [F, d], b_enc_{i} [F],
+            W_dec_{i} [F, L - i, d], b_dec_{i} [d] (+ threshold_{i} [F]), on the CPU.
         """
-        in_s, out_s = self.input_scale.float(), self.output_scale.float()
-        threshold = self.sparsifier.export_threshold()
-        tensors: dict[str, Tensor] = {}
-        for i in range(self.n_layers):
-            dtype = self.W_enc.dtype
-            tensors[f"W_enc_{i}"] = (self.W_enc[i].float() * in_s[i]).T.to(dtype)
-            tensors[f"b_enc_{i}"] = self.b_enc[i].clone()
-            tensors[f"W_dec_{i}"] = (self.W_dec[i].float() / out_s[i:, None]).to(dtype)
-            tensors[f"b_dec_{i}"] = (self.b_dec[i].float() / out_s[i]).to(dtype)
-            if threshold is not None:
-                tensors[f"threshold_{i}"] = threshold[i].detach().clone()
-        return {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+        return clt_export.export_tensors(self)
 
     def export_config(self) -> dict[str, Any]:
         """The JSON-able description written to config.json."""
-        has_threshold = self.sparsifier.export_threshold() is not None
-        return {
-            "format": "clt-lightning",
-            "format_version": FORMAT_VERSION,
-            "n_layers": self.n_layers,
-            "d_model": self.d_model,
-            "n_latents": self.n_latents,
-            "sparsifier": dataclasses.asdict(self.sparsifier_config),
-            "decode": self.decode_mode,
-            "activation_function": "jump_relu" if has_threshold else self.sparsifier_config.name,
-            "weights_file": WEIGHTS_FILE,
-            "tensor_shapes": {
-                "W_enc_{i}": "[n_latents, d_model]",
-                "b_enc_{i}": "[n_latents]",
-                "W_dec_{i}": "[n_latents, n_layers - i, d_model] (index j = target i + j)",
-                "b_dec_{i}": "[d_model]",
-                "threshold_{i}": "[n_latents] (threshold-based sparsifiers only)",
-            },
-            "normalisation": {
-                "folded": True,
-                "input_scale": self.input_scale.tolist(),
-                "output_scale": self.output_scale.tolist(),
-            },
-        }
+        return clt_export.export_config(self)
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write config.json and clt.safetensors (scales folded in; reads raw activations).
@@ -591,18 +437,7 @@ class CrossLayerTranscoder(nn.Module):
             CheckpointMismatchError: A weight is NaN or Inf (names the tensor).
             ConfigError: `path` is a file or holds files other than an export's.
         """
-        path = Path(path)
-        tensors = self.export_tensors()
-        raise_non_finite(tensors, "the CLT to export")
-        metadata = {"format": "clt-lightning", "format_version": str(FORMAT_VERSION)}
-        weights = save(tensors, metadata=metadata)
-        config = {**self.export_config(), "weights_sha256": hashlib.sha256(weights).hexdigest()}
-        with commit_folder(path, _export_owned, "a CLT export") as staging:
-            atomic_write_bytes(staging / WEIGHTS_FILE, weights)
-            atomic_write_bytes(
-                staging / CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode()
-            )
-        return path
+        return clt_export.save_export(self, path)
 
     @classmethod
     def from_pretrained(
@@ -623,14 +458,7 @@ class CrossLayerTranscoder(nn.Module):
                 a tensor whose shape does not match config.json, NaN/Inf weights, or
                 weights whose sha256 differs from config.json's (another export's).
         """
-        path = Path(path)
-        with contextlib.suppress(OSError):  # read-only storage: read what is there
-            recover_folder(path)
-        config = _read_config(path / CONFIG_FILE)
-        try:
-            sparsifier = SparsifierConfig(**config["sparsifier"])
-        except TypeError as err:
-            raise CheckpointMismatchError(f"{path / CONFIG_FILE}: bad sparsifier: {err}") from err
+        config, sparsifier = clt_export.read_export(path)
         model = cls(
             config["n_layers"],
             config["d_model"],
@@ -638,23 +466,9 @@ class CrossLayerTranscoder(nn.Module):
             sparsifier=sparsifier,
             decode=config.get("decode", "auto"),
         )
-        weights = path / WEIGHTS_FILE
-        model.load_exported(_read_tensors(weights), source=str(weights))
-        _check_weights_hash(weights, config.get("weights_sha256"), path / CONFIG_FILE)
+        clt_export.load_export_weights(model, path, config)
         return model.to(map_location).eval()
 
-    def _expected_export_shapes(self) -> dict[str, tuple[int, ...]]:
-        F, d, L = self.n_latents, self.d_model, self.n_layers
-        has_threshold = self.sparsifier.export_threshold() is not None
-        shapes: dict[str, tuple[int, ...]] = {}
-        for i in range(L):
-            shapes |= {f"W_enc_{i}": (F, d), f"b_enc_{i}": (F,)}
-            shapes |= {f"W_dec_{i}": (F, L - i, d), f"b_dec_{i}": (d,)}
-            if has_threshold:
-                shapes[f"threshold_{i}"] = (F,)
-        return shapes
-
-    @torch.no_grad()
     def load_exported(self, tensors: dict[str, Tensor], source: str = "exported tensors") -> None:
         """Load raw-space tensors from `export_tensors`' naming; sets both scales to 1.
 
@@ -666,90 +480,4 @@ class CrossLayerTranscoder(nn.Module):
             CheckpointMismatchError: A tensor is missing, has the wrong shape, or holds
                 NaN or Inf.
         """
-        expected = self._expected_export_shapes()
-        for name, shape in expected.items():
-            if name not in tensors:
-                raise CheckpointMismatchError(f"{source}: tensor {name} is missing")
-            found = tuple(tensors[name].shape)
-            if found != shape:
-                raise CheckpointMismatchError(
-                    f"{source}: tensor {name} has shape {list(found)}, expected {list(shape)}"
-                    f" (n_layers={self.n_layers}, d_model={self.d_model},"
-                    f" n_latents={self.n_latents})"
-                )
-        raise_non_finite({name: tensors[name] for name in expected}, source)
-        extra = sorted(set(tensors) - set(expected))
-        if extra:
-            log.warning("%s: ignoring unexpected tensors %s", source, extra)
-        for i in range(self.n_layers):
-            self.W_enc[i].copy_(tensors[f"W_enc_{i}"].T)
-            self.b_enc[i].copy_(tensors[f"b_enc_{i}"])
-            self.W_dec[i].copy_(tensors[f"W_dec_{i}"])
-            self.b_dec[i].copy_(tensors[f"b_dec_{i}"])
-        if f"threshold_{0}" in expected:
-            self.sparsifier.load_threshold(
-                torch.stack([tensors[f"threshold_{i}"] for i in range(self.n_layers)])
-            )
-        self.input_scale.fill_(1.0)
-        self.output_scale.fill_(1.0)
-
-
-def _export_owned(entry: Path) -> bool:
-    """Entries of an export folder (the two files, and temp files of an earlier write)."""
-    return entry.name in (CONFIG_FILE, WEIGHTS_FILE) or (
-        entry.name.startswith(".") and entry.name.endswith(".tmp")
-    )
-
-
-def _check_weights_hash(weights: Path, expected: str | None, config: Path) -> None:
-    """Exports since config.json recorded `weights_sha256`: the pair must belong together."""
-    if expected is not None and file_sha256(weights) != expected:
-        raise CheckpointMismatchError(
-            f"{weights} is not the weights file {config} was written with (sha256 differs): "
-            "the folder mixes two exports, or the weights were edited; export the checkpoint "
-            "again (or delete weights_sha256 from config.json to accept edited weights)"
-        )
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    """Read and check config.json of an exported CLT."""
-    if not path.is_file():
-        if previous_folder(path.parent).is_dir():
-            raise DataNotFoundError(
-                f"{path} does not exist: an interrupted export left the previous one in "
-                f"{previous_folder(path.parent)}; rerun the export (or rename that folder back)"
-            )
-        raise DataNotFoundError(
-            f"{path} does not exist; expected a directory written by "
-            "CrossLayerTranscoder.save_pretrained (config.json + clt.safetensors)"
-        )
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointMismatchError(f"{path}: not valid JSON: {err}") from err
-    version = config.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointMismatchError(
-            f"{path}: format_version={version!r} is not supported (this package reads <= "
-            f"{FORMAT_VERSION})"
-        )
-    for key in ("n_layers", "d_model", "n_latents", "sparsifier"):
-        if key not in config:
-            raise CheckpointMismatchError(f"{path}: key {key!r} is missing")
-    for key in ("n_layers", "d_model", "n_latents"):
-        value = config[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise CheckpointMismatchError(f"{path}: {key} is {value!r}, not a positive integer")
-    if not isinstance(config["sparsifier"], dict):
-        raise CheckpointMismatchError(f"{path}: sparsifier is not an object")
-    return config
-
-
-def _read_tensors(path: Path) -> dict[str, Tensor]:
-    """Read a safetensors file, naming it in any error."""
-    if not path.is_file():
-        raise DataNotFoundError(f"{path} does not exist (written by save_pretrained)")
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointMismatchError(f"{path}: cannot be read as safetensors: {err}") from err
+        clt_export.load_exported(self, tensors, source)

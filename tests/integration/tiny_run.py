@@ -393,7 +393,9 @@ PAUSES: dict[str, Callable[[], None]] = {
         1,  # the suite's JSON files (`write_json`)
     ),
     "retrieve_after_1_index": _pause_in_index_write,
-    "export_after_weights": lambda: _pause_after_atomic_writes("clt_lightning.models.clt", 1),
+    "export_after_weights": lambda: _pause_after_atomic_writes(
+        "clt_lightning.models.clt_export", 1
+    ),
     "between_folder_renames": _pause_between_folder_renames,
 }
 

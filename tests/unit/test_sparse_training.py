@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from clt_lightning.models import clt as clt_module
+from clt_lightning.models import topk as topk_module
 from clt_lightning.models.sparsifiers import SparsifierConfig
 from clt_lightning.module import CLTModule
 
@@ -101,7 +101,7 @@ def test_sparse_step_equals_dense_step_with_the_ddp_aux_pass(
 ) -> None:
     """Under DDP the AuxK codes come from a second pass after the (all-reduced) statistics
     update; on one process it must give what the dense path gives."""
-    monkeypatch.setattr(clt_module, "_is_distributed", lambda: True)
+    monkeypatch.setattr(topk_module, "_is_distributed", lambda: True)
     dense = make_module("abs_topk", "dense", True, torch.float64)
     sparse = copy.deepcopy(dense)
     sparse.clt.decode_mode = "sparse"
@@ -119,14 +119,19 @@ def test_sparse_step_equals_dense_step_with_the_ddp_aux_pass(
 def test_fused_path_only_where_it_is_exact() -> None:
     module = make_module("relu_topk", "auto", False, torch.float32)
     clt = module.clt
-    assert clt._fused_topk_applies()  # k * 8 <= F, training, gradients
+    assert fused(clt)  # k * 8 <= F, training, gradients
     with torch.no_grad():
-        assert not clt._fused_topk_applies()
-    assert not clt.eval()._fused_topk_applies()
+        assert not fused(clt)
+    assert not fused(clt.eval())
     clt.train().decode_mode = "dense"
-    assert not clt._fused_topk_applies()
+    assert not fused(clt)
     for name in ("jumprelu", "batch_topk"):
-        assert not make_module(name, "sparse", False, torch.float32).clt._fused_topk_applies()
+        assert not fused(make_module(name, "sparse", False, torch.float32).clt)
+
+
+def fused(clt) -> bool:  # noqa: ANN001
+    """Whether `forward` takes the sparsifier's fused encode now."""
+    return clt.sparsifier.fuses(clt.decode_request())
 
 
 def test_configure_optimizers_uses_the_fused_adamw() -> None:

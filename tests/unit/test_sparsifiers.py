@@ -8,16 +8,13 @@ import torch
 
 from clt_lightning.errors import ConfigError
 from clt_lightning.models import sparsifiers as sp
+from clt_lightning.models.encoding import SparseCodes, codes_to_dense, dense_to_codes
+from clt_lightning.models.jumprelu import jumprelu, step
 from clt_lightning.models.sparsifiers import (
     LossContext,
-    SparseCodes,
     SparsifierConfig,
     build_sparsifier,
-    codes_to_dense,
-    dense_to_codes,
-    jumprelu,
     list_sparsifiers,
-    step,
 )
 
 B, L, F = 6, 3, 32
@@ -59,7 +56,7 @@ def naive_batch_topk(pre: np.ndarray, k: int) -> np.ndarray:
 
 def test_abs_topk_keeps_k_largest_magnitudes_with_signs() -> None:
     pre = torch.randn(B, L, F, dtype=torch.float64)
-    z = make("abs_topk", k=5)(pre)
+    z = make("abs_topk", k=5).activate(pre)[0]
     np.testing.assert_allclose(z.numpy(), naive_topk(pre.numpy(), 5, signed=True))
     assert (z < 0).any()
     assert ((z != 0).sum(-1) == 5).all()
@@ -69,7 +66,7 @@ def test_relu_topk_matches_naive_and_zeros_stay_zero() -> None:
     pre = torch.randn(B, L, F, dtype=torch.float64)
     pre[0, 0] = -torch.rand(F, dtype=torch.float64)  # no positive value at all
     pre[0, 0, 3] = 0.7  # exactly one positive value
-    z = make("relu_topk", k=5)(pre)
+    z = make("relu_topk", k=5).activate(pre)[0]
     np.testing.assert_allclose(z.numpy(), naive_topk(pre.numpy(), 5, signed=False))
     assert (z >= 0).all()
     assert (z[0, 0] != 0).sum() == 1
@@ -78,10 +75,10 @@ def test_relu_topk_matches_naive_and_zeros_stay_zero() -> None:
 def test_topk_sparse_codes_and_gradient() -> None:
     pre = torch.randn(B, L, F, dtype=torch.float64, requires_grad=True)
     sparsifier = make("relu_topk", k=4)
-    codes = sparsifier.sparse(pre)
+    codes = sparsifier.activate(pre, want_codes=True)[1]
     assert isinstance(codes, SparseCodes)
     assert codes.values.shape == (B, L, 4) and codes.indices.dtype == torch.int64
-    z = sparsifier(pre)
+    z = sparsifier.activate(pre)[0]
     torch.testing.assert_close(codes_to_dense(codes, F), z)
     upstream = torch.randn_like(z)
     (z * upstream).sum().backward()
@@ -92,7 +89,7 @@ def test_topk_sparse_codes_and_gradient() -> None:
 def test_batch_topk_training_matches_naive_and_calibrates_threshold() -> None:
     sparsifier = make("batch_topk", k=3, threshold_ema=0.9).train()
     pre1 = torch.randn(B, L, F, dtype=torch.float64)
-    z1 = sparsifier(pre1)
+    z1 = sparsifier.activate(pre1)[0]
     expected = naive_batch_topk(pre1.numpy(), 3)
     np.testing.assert_allclose(z1.numpy(), expected)
     assert ((z1 != 0).sum(-1) != 3).any()  # variable count per token, k on average
@@ -101,7 +98,7 @@ def test_batch_topk_training_matches_naive_and_calibrates_threshold() -> None:
 
     pre2 = torch.randn(B, L, F, dtype=torch.float64) + 0.5
     expected2 = naive_batch_topk(pre2.numpy(), 3)
-    sparsifier(pre2)
+    sparsifier.activate(pre2)
     min_kept2 = np.array([expected2[:, i][expected2[:, i] > 0].min() for i in range(L)])
     ema = 0.9 * min_kept1 + 0.1 * min_kept2
     np.testing.assert_allclose(sparsifier.threshold.numpy(), ema, rtol=1e-6)
@@ -133,7 +130,7 @@ def test_batch_topk_inference_uses_threshold() -> None:
     sparsifier = make("batch_topk", k=3).eval()
     sparsifier.threshold.copy_(torch.tensor([0.2, 0.5, 1.0]))
     pre = torch.randn(B, L, F)
-    z = sparsifier(pre)
+    z = sparsifier.activate(pre)[0]
     thr = [0.2, 0.5, 1.0]
     expected = np.zeros((B, L, F), dtype=np.float32)
     for b in range(B):
@@ -143,7 +140,7 @@ def test_batch_topk_inference_uses_threshold() -> None:
                 expected[b, layer, i] = v if v > thr[layer] else 0.0
     np.testing.assert_allclose(z.numpy(), expected)
     assert int(sparsifier.n_tokens_seen) == 0  # eval does not touch statistics
-    torch.testing.assert_close(codes_to_dense(sparsifier.sparse(pre), F), z)
+    torch.testing.assert_close(codes_to_dense(sparsifier.activate(pre, want_codes=True)[1], F), z)
 
 
 @pytest.mark.parametrize("name", ["relu_topk", "abs_topk", "batch_topk", "jumprelu"])
@@ -152,7 +149,7 @@ def test_activate_layer_equals_layer_slice(name: str) -> None:
     if name == "batch_topk":
         sparsifier.threshold.copy_(torch.tensor([0.1, 0.3, 0.6]))
     pre = torch.randn(B, L, F)
-    z = sparsifier(pre)
+    z = sparsifier.activate(pre)[0]
     for layer in range(L):
         torch.testing.assert_close(sparsifier.activate_layer(layer, pre[:, layer]), z[:, layer])
 
@@ -199,10 +196,10 @@ def test_jumprelu_gradcheck_where_differentiable() -> None:
 def test_jumprelu_sparse_only_when_forced() -> None:
     sparsifier = make("jumprelu", threshold_init=0.5)
     pre = torch.randn(B, L, F)
-    assert sparsifier.sparse(pre) is None
-    codes = sparsifier.sparse(pre, force=True)
-    torch.testing.assert_close(codes_to_dense(codes, F), sparsifier(pre))
-    assert codes.values.shape[-1] == int((sparsifier(pre) != 0).sum(-1).max())
+    assert sparsifier.activate(pre)[1] is None
+    codes = sparsifier.activate(pre, want_codes=True)[1]
+    torch.testing.assert_close(codes_to_dense(codes, F), sparsifier.activate(pre)[0])
+    assert codes.values.shape[-1] == int((sparsifier.activate(pre)[0] != 0).sum(-1).max())
 
 
 def _context(pre, z, norms, progress, **kwargs) -> LossContext:
@@ -225,7 +222,7 @@ def test_tanh_penalty_matches_numpy(progress: float, ramp: float) -> None:
     cfg = {"sparsity_coeff": 0.3, "tanh_c": 2.5, "sparsity_warmup_fraction": 0.1}
     sparsifier = make("jumprelu", threshold_init=0.2, **cfg)
     pre = torch.randn(B, L, F, dtype=torch.float64)
-    z = sparsifier(pre)
+    z = sparsifier.activate(pre)[0]
     norms = torch.rand(L, F, dtype=torch.float64) + 0.5
     losses = sparsifier.losses(_context(pre, z, norms, progress))
     assert set(losses) == {"sparsity"}
@@ -240,7 +237,7 @@ def test_l0_penalty_value_and_threshold_gradient() -> None:
     sparsifier = make("jumprelu", threshold_init=0.3, bandwidth=bandwidth, sparsity_loss="l0")
     sparsifier.threshold.data = sparsifier.threshold.data.double()
     pre = torch.randn(B, L, F, dtype=torch.float64) * 0.5 + 0.3
-    z = sparsifier(pre)
+    z = sparsifier.activate(pre)[0]
     loss = sparsifier.losses(_context(pre, z, torch.ones(L, F, dtype=torch.float64), 1.0))
     loss["sparsity"].backward()
     p = pre.numpy()
@@ -265,7 +262,7 @@ def test_preact_loss_matches_numpy() -> None:
     sparsifier = make("jumprelu", threshold_init=0.4, preact_coeff=0.25)
     pre = torch.randn(B, L, F, requires_grad=True)
     norms = torch.rand(L, F) + 0.5
-    losses = sparsifier.losses(_context(pre, sparsifier(pre), norms, 1.0))
+    losses = sparsifier.losses(_context(pre, sparsifier.activate(pre)[0], norms, 1.0))
     assert set(losses) == {"sparsity", "preact"}
     p, n = pre.detach().numpy(), norms.numpy()
     expected = 0.25 * np.mean([(np.maximum(0.4 - p[b], 0) * n).sum() for b in range(B)])
@@ -308,7 +305,13 @@ def test_auxk_zero_when_nothing_dead_then_matches_naive(name: str, signed: bool)
         return torch.einsum("blf,lfd->bld", codes_to_dense(codes, F), W)
 
     ctx = _context(
-        pre, sparsifier(pre), None, 0.5, y_scaled=y, y_hat_scaled=y_hat, decode_fn=decode_fn
+        pre,
+        sparsifier.activate(pre)[0],
+        None,
+        0.5,
+        y_scaled=y,
+        y_hat_scaled=y_hat,
+        decode_fn=decode_fn,
     )
     assert float(sparsifier.losses(ctx)["auxk"].detach()) == 0.0
 
@@ -341,17 +344,17 @@ def test_dead_latent_tracking() -> None:
     pre = torch.full((4, L, F), -1.0)
     pre[:, :, 0] = 2.0
     pre[:, :, 1] = 1.0  # latents 0 and 1 always win; the others never fire
-    sparsifier(pre)
+    sparsifier.activate(pre)
     assert int(sparsifier.n_tokens_seen) == 4
     assert not sparsifier.dead_mask().any()  # 4 tokens < dead_tokens
-    sparsifier(pre)
+    sparsifier.activate(pre)
     dead = sparsifier.dead_mask()
     assert dead[:, 2:].all() and not dead[:, :2].any()
     assert (sparsifier.tokens_since_fired[:, :2] == 0).all()
     pre[0, :, 5] = 3.0  # latent 5 fires once: its counter resets
-    sparsifier(pre)
+    sparsifier.activate(pre)
     assert not sparsifier.dead_mask()[:, 5].any()
-    sparsifier.eval()(pre)
+    sparsifier.eval().activate(pre)
     assert int(sparsifier.n_tokens_seen) == 12  # eval forwards do not count
 
 
@@ -359,7 +362,7 @@ def test_jumprelu_tracks_dead_latents_too() -> None:
     sparsifier = make("jumprelu", threshold_init=0.5, dead_tokens=3).train()
     pre = torch.zeros(3, L, F)
     pre[:, :, :4] = 1.0
-    sparsifier(pre)
+    sparsifier.activate(pre)
     assert sparsifier.dead_mask()[:, 4:].all() and not sparsifier.dead_mask()[:, :4].any()
 
 
@@ -396,7 +399,7 @@ def test_register_custom_sparsifier(monkeypatch: pytest.MonkeyPatch) -> None:
 
     assert "identity_for_test" in list_sparsifiers()
     pre = torch.randn(B, L, F)
-    torch.testing.assert_close(make("identity_for_test")(pre), pre)
+    torch.testing.assert_close(make("identity_for_test").activate(pre)[0], pre)
     with pytest.raises(ConfigError, match="already registered"):
         sp.register_sparsifier("relu_topk")(Identity)
 
