@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from clt_lightning.data.cache import write_cache
+from clt_lightning.data.cache_writer import write_cache
 from clt_lightning.data.datamodule import bench_datamodule
 
 PAPER_SHAPE = {"n_layers": 12, "d_model": 768, "tokens_per_image": 50}

@@ -57,7 +57,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
-from clt_lightning.data.cache import ActivationCache, open_cache, write_cache
+from clt_lightning.data.cache_reader import ActivationCache, open_cache
+from clt_lightning.data.cache_resume import manifest_mismatches
+from clt_lightning.data.cache_writer import write_cache
 from clt_lightning.data.datasets import DatasetConfig, build_dataset, resolve_split
 from clt_lightning.data.streams import (
     TOKEN_FILTERS,
@@ -201,12 +203,21 @@ def trained_mean_sq_norms(cache: ActivationCache, token_filter: str) -> tuple[Te
     return sums[0] / count, sums[1] / count
 
 
+_CONFIG_KEYS = {  # manifest field -> the config key users see in the message
+    "dtype": "cache_dtype",
+    "tokens": "cache_tokens",
+    "teacher.model_config_sha256": "teacher.model_config (sha256)",
+    "teacher.weights_sha256": "teacher.weights (sha256)",
+}
+
+
 def cache_config_mismatches(
     manifest: dict[str, Any], module: ActivationDataModule, split: Literal["train", "val"]
 ) -> list[str]:
     """Config fields that disagree with a cache manifest, checked without loading the teacher.
 
-    Compares what is cheap to know from the config: teacher name, pretrained tag, precision
+    Asks `cache_resume.manifest_mismatches` (the check `clt cache` makes before resuming)
+    about what is cheap to know from the config: teacher name, pretrained tag, precision
     and input site; dataset name, split and max_images; stored dtype and token selection.
     (Weights are identified by hash in the manifest; `clt cache` checks those on resume.)
 
@@ -214,33 +225,29 @@ def cache_config_mismatches(
         One "key: cache has A, config has B" line per mismatch.
     """
     teacher, dataset = module.teacher_config, module.dataset_config
-    stored_teacher, stored_data = manifest.get("teacher", {}), manifest.get("dataset", {})
     tokens = {"mode": module.cache_options["tokens"]}
     if tokens["mode"] == "cls+random":
         tokens.update(n_random_patches=module.cache_options["n_random_patches"], seed=module.seed)
-    pairs = {
-        "teacher.pretrained": (stored_teacher.get("pretrained"), teacher.pretrained),
-        "teacher.precision": (stored_teacher.get("precision"), teacher.precision),
-        "teacher.input_site": (stored_teacher.get("input_site"), teacher.input_site),
-        "dataset.name": (stored_data.get("name"), dataset.name),
-        "dataset.split": (stored_data.get("split"), resolve_split(dataset, split)),
-        "dataset.max_images": (stored_data.get("max_images"), dataset.max_images),
-        "cache_dtype": (manifest.get("dtype"), module.cache_options["dtype"]),
-        "cache_tokens": (manifest.get("tokens"), tokens),
+    requested = {
+        "teacher.pretrained": teacher.pretrained,
+        "teacher.precision": teacher.precision,
+        "teacher.input_site": teacher.input_site,
+        "dataset.name": dataset.name,
+        "dataset.split": resolve_split(dataset, split),
+        "dataset.max_images": dataset.max_images,
+        "dtype": module.cache_options["dtype"],
+        "tokens": tokens,
     }
     if teacher.model_config is None:
-        pairs["teacher.model_name"] = (stored_teacher.get("model_name"), teacher.model_name)
+        requested["teacher.model_name"] = teacher.model_name
     else:  # same shapes, another model: only the hash tells (what `clt cache` compares)
-        pairs["teacher.model_config (sha256)"] = (
-            stored_teacher.get("model_config_sha256"),
-            _model_config_sha256(teacher.model_config),
-        )
+        requested["teacher.model_config_sha256"] = _model_config_sha256(teacher.model_config)
     if teacher.weights is not None:  # reads the file once per setup (~1 s per GB)
-        pairs["teacher.weights (sha256)"] = (
-            stored_teacher.get("weights_sha256"),
-            file_sha256(teacher.weights),
-        )
-    return [f"{key}: cache has {a!r}, config has {b!r}" for key, (a, b) in pairs.items() if a != b]
+        requested["teacher.weights_sha256"] = file_sha256(teacher.weights)
+    return [
+        f"{_CONFIG_KEYS.get(m.field, m.field)}: cache has {m.cached!r}, config has {m.requested!r}"
+        for m in manifest_mismatches(manifest, requested)
+    ]
 
 
 def _model_config_sha256(path: str) -> str | None:

@@ -456,7 +456,7 @@ class CachedTokenStream(IterableDataset):
 
     def _rows(self, shard_index: int) -> Rows:
         if self.cache is None:
-            from clt_lightning.data.cache import open_cache
+            from clt_lightning.data.cache_reader import open_cache
 
             self.cache = open_cache(self.cache_path, verify=self.verify)
         shard = self.cache.load_shard(shard_index)
