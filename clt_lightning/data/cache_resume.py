@@ -2,7 +2,7 @@
 
 Owns the settings a cache is made with (`cache_settings`), the one answer to "does this
 cache match these settings" (`manifest_mismatches`: `clt cache` before resuming and the
-datamodule before training both ask it), starting or resuming a cache from its manifest
+datamodule before training, through `config_mismatches`, both ask it), starting or resuming a cache from its manifest
 (`start_or_resume`), the safety checks before writing (foreign files, listed shards, free
 disk space) and the exclusive writer lock.
 
@@ -21,7 +21,7 @@ import logging
 import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -38,9 +38,14 @@ from clt_lightning.data.cache_format import (
 from clt_lightning.data.cache_manifest import validate_manifest
 from clt_lightning.data.cache_shards import CacheState
 from clt_lightning.data.cache_stats import Moments
+from clt_lightning.data.datasets import resolve_split
 from clt_lightning.errors import CacheError, CorruptShardError, DiskSpaceError
 from clt_lightning.files import human_bytes
-from clt_lightning.hashing import file_sha256
+from clt_lightning.hashing import file_sha256, json_sha256
+
+if TYPE_CHECKING:
+    from clt_lightning.data.datasets import DatasetConfig
+    from clt_lightning.teacher import TeacherConfig
 
 try:  # POSIX only; elsewhere concurrent writers are not detected.
     import fcntl
@@ -161,6 +166,73 @@ def manifest_mismatches(
         if have != want:
             out.append(Mismatch(field, have, want))
     return out
+
+
+_CONFIG_KEYS = {  # manifest field -> the config key users see in the message
+    "dtype": "cache_dtype",
+    "tokens": "cache_tokens",
+    "teacher.model_config_sha256": "teacher.model_config (sha256)",
+    "teacher.weights_sha256": "teacher.weights (sha256)",
+}
+
+
+def config_mismatches(
+    manifest: Mapping[str, Any],
+    teacher: TeacherConfig,
+    dataset: DatasetConfig,
+    split: str,
+    cache_options: Mapping[str, Any],
+    seed: int,
+) -> list[str]:
+    """Config fields that disagree with a cache manifest, checked without loading the teacher.
+
+    Asks `manifest_mismatches` (the check `clt cache` makes before resuming) about what is cheap to know from the config: teacher name, pretrained tag, precision
+    and input site; dataset name, split and max_images; stored dtype and token selection.
+    (Weights are identified by hash in the manifest; `clt cache` checks those on resume.)
+
+    Args:
+        manifest: The cache's manifest.
+        teacher: `data.teacher` of the config.
+        dataset: `data.dataset` of the config.
+        split: "train" or "val".
+        cache_options: The datamodule's `write_cache` keyword arguments (dtype, tokens, ...).
+        seed: `data.seed` (the "cls+random" draw's seed).
+
+    Returns:
+        One "key: cache has A, config has B" line per mismatch.
+    """
+    tokens = {"mode": cache_options["tokens"]}
+    if tokens["mode"] == "cls+random":
+        tokens.update(n_random_patches=cache_options["n_random_patches"], seed=seed)
+    requested = {
+        "teacher.pretrained": teacher.pretrained,
+        "teacher.precision": teacher.precision,
+        "teacher.input_site": teacher.input_site,
+        "dataset.name": dataset.name,
+        "dataset.split": resolve_split(dataset, split),
+        "dataset.max_images": dataset.max_images,
+        "dtype": cache_options["dtype"],
+        "tokens": tokens,
+    }
+    if teacher.model_config is None:
+        requested["teacher.model_name"] = teacher.model_name
+    else:  # same shapes, another model: only the hash tells (what `clt cache` compares)
+        requested["teacher.model_config_sha256"] = _model_config_sha256(teacher.model_config)
+    if teacher.weights is not None:  # reads the file once per setup (~1 s per GB)
+        requested["teacher.weights_sha256"] = file_sha256(teacher.weights)
+    return [
+        f"{_CONFIG_KEYS.get(m.field, m.field)}: cache has {m.cached!r}, config has {m.requested!r}"
+        for m in manifest_mismatches(manifest, requested)
+    ]
+
+
+def _model_config_sha256(path: str) -> str | None:
+    """The teacher identity's `model_config_sha256`: sha256 of the JSON with sorted keys."""
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # the teacher reports the bad file when it is built
+    return json_sha256(config)
 
 
 def settings_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
