@@ -68,7 +68,7 @@ class CacheTeacher(Protocol):
 
 
 class CacheDataset(Protocol):
-    """What `write_cache` needs from `clt_lightning.data.datasets.ImageDataset`."""
+    """What `write_cache` needs from `clt_lightning.data.image_datasets.ImageDataset`."""
 
     def __len__(self) -> int: ...
 
