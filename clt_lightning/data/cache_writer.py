@@ -199,7 +199,10 @@ class _Run:
     images_per_shard: int
     n_dataset_images: int
     on_bad_image: str
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    device: torch.device = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.device = _teacher_device(self.teacher)
 
     def new_buffer(self, index: int) -> _ShardBuffer:
         first = index * self.images_per_shard
@@ -316,34 +319,49 @@ def write_cache(
     """
     sizes = {"images_per_shard": images_per_shard, "batch_size": batch_size}
     _validate_arguments(dtype, tokens, on_bad_image, n_random_patches, seed, teacher, sizes)
-    if num_workers < 0:
-        raise ConfigError(f"num_workers={num_workers} is not valid; it must be >= 0")
-    if len(dataset) == 0:
-        raise CacheError(f"the dataset {dataset.identity()} has no images to cache")
+    _check_workers_and_images(num_workers, dataset)
     stored = StoredTokens(tokens, n_random_patches, seed, teacher.tokens_per_image)
     settings = cache_settings(teacher, dataset, dtype, stored, images_per_shard)
     out_dir = Path(out_dir)
-    if (out_dir / MANIFEST_NAME).is_file() and start_or_resume(
-        out_dir, settings, batch_size
-    ) is None:  # nothing to write, so no lock: a complete cache may be on read-only storage
-        logger.info("activation cache %s is already complete", out_dir)
+    if _already_complete(out_dir, settings, batch_size):  # no lock: may be read-only storage
         return out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not (out_dir / MANIFEST_NAME).exists():
-        check_foreign_files(out_dir)  # before the lock file is created in someone's folder
+    _prepare_folder(out_dir)
     with exclusive_lock(out_dir):
         state = start_or_resume(out_dir, settings, batch_size)
         if state is None:
             logger.info("activation cache %s is already complete", out_dir)
             return out_dir
-        for stale in out_dir.glob(".*.tmp"):
-            stale.unlink()
-        device = _teacher_device(teacher)
-        run = _Run(
-            teacher, stored, DTYPES[dtype], images_per_shard, len(dataset), on_bad_image, device
-        )
+        run = _Run(teacher, stored, DTYPES[dtype], images_per_shard, len(dataset), on_bad_image)
         _write_shards(run, dataset, out_dir, state, batch_size, num_workers, progress)
     return out_dir
+
+
+def _prepare_folder(out_dir: Path) -> None:
+    """Create the folder; refuse one holding foreign files before the lock file is made."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not (out_dir / MANIFEST_NAME).exists():
+        check_foreign_files(out_dir)
+
+
+def _check_workers_and_images(num_workers: int, dataset: CacheDataset) -> None:
+    if num_workers < 0:
+        raise ConfigError(f"num_workers={num_workers} is not valid; it must be >= 0")
+    if len(dataset) == 0:
+        raise CacheError(f"the dataset {dataset.identity()} has no images to cache")
+
+
+def _already_complete(out_dir: Path, settings: dict[str, Any], batch_size: int) -> bool:
+    """Whether `out_dir` holds the complete cache of these settings (nothing to write).
+
+    Raises:
+        CacheError: As `start_or_resume` (a cache made with other settings).
+    """
+    if not (out_dir / MANIFEST_NAME).is_file():
+        return False
+    if start_or_resume(out_dir, settings, batch_size) is not None:
+        return False
+    logger.info("activation cache %s is already complete", out_dir)
+    return True
 
 
 def _write_shards(
@@ -356,6 +374,8 @@ def _write_shards(
     progress: bool,
 ) -> None:
     """Produce every missing shard, then mark the cache complete."""
+    for stale in out_dir.glob(".*.tmp"):  # temp files of a killed run (we hold the lock)
+        stale.unlink()
     start_shard = len(state.manifest["shards"])
     start = min(start_shard * run.images_per_shard, run.n_dataset_images)
     check_disk_space(out_dir, run.n_dataset_images - start, state.manifest)
