@@ -52,7 +52,7 @@ try:  # POSIX only; elsewhere concurrent writers are not detected.
 except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
-logger = logging.getLogger("clt_lightning.data.cache")  # one logger for the whole cache
+logger = logging.getLogger("clt_lightning.data.cache")  # one logger for all cache_* modules
 
 
 class CacheTeacher(Protocol):

@@ -29,7 +29,7 @@ from clt_lightning.data.cache_stats import Moments
 from clt_lightning.errors import CacheError
 from clt_lightning.files import human_bytes
 
-logger = logging.getLogger("clt_lightning.data.cache")  # one logger for the whole cache
+logger = logging.getLogger("clt_lightning.data.cache")  # one logger for all cache_* modules
 
 
 _MAX_PENDING_SHARDS = 2  # shards handed to the writer thread and not yet committed

@@ -44,7 +44,7 @@ from clt_lightning.errors import CacheError, ConfigError, UnreadableImageError
 from clt_lightning.files import human_bytes
 from clt_lightning.tokens import TokenLayout, layout_of
 
-logger = logging.getLogger("clt_lightning.data.cache")  # one logger for the whole cache
+logger = logging.getLogger("clt_lightning.data.cache")  # one logger for all cache_* modules
 
 
 # ------------------------------------------------------------------- writer: data feed

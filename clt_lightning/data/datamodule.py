@@ -2,8 +2,11 @@
 
 Every batch is the token batch (docs/architecture.md) `{"x": [B, L, d] float32, "y": [B, L, d] float32,
 "token": [B] int64, "image": [B] int64}`, whichever the source. The streaming, shuffling and
-rank/worker split live in `clt_lightning.data.streams` (pure, tested on their own); this
-module only turns the config into those streams and hands them to Lightning.
+rank/worker split live in `clt_lightning.data.streams` (pure, tested on their own) and the
+two streams in `cached_stream` and `online_stream`; the train loader in `loaders`; the
+normalisation from a cache in `normalisation`; the cache-vs-config check in
+`cache_resume.config_mismatches`. This module only turns the config into those streams
+and hands them to Lightning.
 
 Design decisions:
 
