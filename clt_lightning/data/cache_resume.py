@@ -186,9 +186,10 @@ def config_mismatches(
 ) -> list[str]:
     """Config fields that disagree with a cache manifest, checked without loading the teacher.
 
-    Asks `manifest_mismatches` (the check `clt cache` makes before resuming) about what is cheap to know from the config: teacher name, pretrained tag, precision
-    and input site; dataset name, split and max_images; stored dtype and token selection.
-    (Weights are identified by hash in the manifest; `clt cache` checks those on resume.)
+    Asks `manifest_mismatches` (the check `clt cache` makes before resuming) about what is
+    cheap to know from the config: teacher name, pretrained tag, precision and input site;
+    dataset name, split and max_images; stored dtype and token selection. (Weights are
+    identified by hash in the manifest; `clt cache` checks those on resume.)
 
     Args:
         manifest: The cache's manifest.
