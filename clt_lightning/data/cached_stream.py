@@ -33,7 +33,7 @@ from clt_lightning.tokens import TokenLayout
 
 
 class CachedTokenStream(IterableDataset):
-    """Token batches read from an activation cache (see the module docstring).
+    """Token batches read from an activation cache (design: `clt_lightning.data.streams`).
 
     Use with `DataLoader(stream, batch_size=None, num_workers=num_workers)`; the epoch is
     set with `set_epoch` before each iteration (the datamodule's loader does this).

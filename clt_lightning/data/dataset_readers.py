@@ -233,7 +233,7 @@ _COCO_LAYOUT = (
 
 
 class CocoLabels(NamedTuple):
-    """Single labels of a COCO instances file (see the module docstring for the rule)."""
+    """Single labels of a COCO instances file (the rule: `clt_lightning.data.datasets` docstring)."""
 
     file_names: list[str]
     """File name of every kept image, by ascending image id."""
