@@ -4,7 +4,7 @@ What is timed, on the same images, batch size, thread count and teacher precisio
 
 - ``teacher``: the bare forward, ``Teacher.encode_image`` over the batches of a
   ``DataLoader`` on the dataset (the loop a user runs to embed images; no hooks).
-- ``write_cache``: ``clt_lightning.data.cache.write_cache`` into a fresh folder: the same
+- ``write_cache``: ``clt_lightning.data.cache_writer.write_cache`` into a fresh folder: the same
   loader, ``Teacher.capture`` (the forward with x and y recorded at every layer), the fp16
   cast, statistics, sha256, the safetensors shards and the manifest (fsync'd), with its
   background writer thread.
@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from clt_lightning.data.cache import write_cache
+from clt_lightning.data.cache_writer import write_cache
 from clt_lightning.teacher import Teacher, TeacherConfig
 
 FULL = {"n_images": 48, "batch_size": 16, "images_per_shard": 16, "repeats": 3}

@@ -1,6 +1,6 @@
 """Cached token loading: shard read + checksum-free parse + shuffle buffer + float32 batches.
 
-What is timed: `clt_lightning.data.datamodule.bench_datamodule`, i.e. iterating the cached
+What is timed: `clt_lightning.data.loaders.bench_datamodule`, i.e. iterating the cached
 train stream of one rank (`CachedTokenStream` in a DataLoader with `num_workers` workers)
 after one warm-up batch (which absorbs the initial fill of the shuffle buffer). Checksums
 are off, as they are a one-off cost per shard read (sha256 runs at ~1-2 GB/s).
@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from clt_lightning.data.cache import write_cache
-from clt_lightning.data.datamodule import bench_datamodule
+from clt_lightning.data.cache_writer import write_cache
+from clt_lightning.data.loaders import bench_datamodule
 
 PAPER_SHAPE = {"n_layers": 12, "d_model": 768, "tokens_per_image": 50}
 

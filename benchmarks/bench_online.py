@@ -30,8 +30,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from benchmarks.bench_data import write_synthetic_cache
-from clt_lightning.data.datamodule import bench_datamodule
-from clt_lightning.data.streams import OnlineTokenStream
+from clt_lightning.data.loaders import bench_datamodule
+from clt_lightning.data.online_stream import OnlineTokenStream
 from clt_lightning.teacher import Teacher, TeacherConfig
 
 TINY_VIT = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tiny-vit.json"

@@ -522,7 +522,7 @@ SPECS: dict[str, Spec] = {
             "same images (ViT-B-32 architecture)."
         ),
         about=(
-            "`clt_lightning.data.cache.write_cache` with a real open_clip ViT (random "
+            "`clt_lightning.data.cache_writer.write_cache` with a real open_clip ViT (random "
             "weights) against the same teacher's bare forward (`encode_image`) on the same "
             "images, batch size and dtype (`benchmarks/bench_cache.py`): the ratio is what "
             "capturing, casting, checksumming and writing shards leave of the teacher's "

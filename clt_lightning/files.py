@@ -374,3 +374,16 @@ def require_writable_folder(path: str | Path, key: str) -> Path:
             "writable folder"
         ) from error
     return path
+
+
+def human_bytes(n: float) -> str:
+    """Format a byte count in decimal units for messages (`1.84 MB`, `512 B`).
+
+    Args:
+        n: Bytes.
+    """
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")

@@ -55,12 +55,8 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 from tqdm import tqdm
 
-from clt_lightning.data.datasets import (
-    DIGIT_CLASS_NAMES,
-    DatasetConfig,
-    build_dataset,
-    digits_split,
-)
+from clt_lightning.data.dataset_readers import DIGIT_CLASS_NAMES, digits_split
+from clt_lightning.data.datasets import DatasetConfig, build_dataset
 from clt_lightning.errors import CLTError, ConfigError, NonFiniteLossError
 from clt_lightning.files import atomic_write_bytes
 

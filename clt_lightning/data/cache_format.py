@@ -1,10 +1,32 @@
-"""On-disk format of the activation cache: names, dtype tables and the safetensors codec.
+"""Activation cache format: names, dtype tables, stored tokens, the safetensors codec, I/O.
 
-Owns the format constants (`FORMAT_VERSION`, file names, dtype and token-mode tables),
-`shard_file_name`, token selection (`token_positions`), atomic file writing, the streaming
-safetensors writer (`safetensors_header`, `safetensors_order`) and parser
-(`parse_safetensors`), and manifest reading/writing. `docs/cache-format.md` is the
-byte-level specification; `clt_lightning.data.cache` is the public facade.
+An activation cache is `out_dir/shard_{i:05d}.safetensors` files holding the token
+activations `x` (MLP input) and `y` (MLP output) of every layer, described by
+`out_dir/manifest.json`. `docs/cache-format.md` is the byte-level specification (a
+stranger can read a cache with numpy alone). The cache's modules, imported directly:
+`cache_format` (this one), `cache_manifest` (validation), `cache_stats` (statistics),
+`cache_resume` (settings, matching, resume), `cache_shards` (background writer),
+`cache_writer` (`write_cache`) and `cache_reader` (`open_cache`, `verify_cache`).
+
+This module owns the format constants (`FORMAT_VERSION`, file names, dtype tables and
+`CACHE_TOKENS`), `shard_file_name`, which tokens are stored (`StoredTokens`,
+`cached_token_positions`), the streaming safetensors writer (`write_safetensors`,
+`safetensors_header`, `safetensors_order`) and parser (`parse_safetensors`,
+`read_and_hash`), and manifest reading and writing (`read_manifest`, `write_manifest`).
+
+Design decisions:
+
+- The manifest is the commit record. Every file is written to a temp file in the same
+  folder, flushed, fsynced and `os.replace`d; a shard is committed before the manifest that
+  lists it, so a kill at any moment leaves the previous or the new consistent state. A
+  shard file the manifest does not list is an orphan of a killed run and is overwritten.
+- Shards are safetensors files written by a small streaming writer rather than
+  `safetensors.torch.save`: it hashes and writes each tensor straight from memory (no
+  second and third copy of a multi-GB shard) and sorts the metadata keys, which the library
+  does not (its metadata is a Rust HashMap, so two processes can write different bytes).
+  Otherwise the layout is the library's own; the tests check both agree byte for byte.
+- Token subsampling ("cls+random") draws from `np.random.default_rng([seed, image_id])`
+  per image, so the chosen positions depend neither on batching nor on where a run resumed.
 """
 
 from __future__ import annotations
@@ -33,13 +55,14 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".lock"
 CacheDtype = Literal["fp16", "bf16", "fp32"]
-TokenMode = Literal["all", "cls", "cls+random"]
+CacheTokens = Literal["all", "cls", "cls+random"]
 DTYPES: dict[str, torch.dtype] = {
     "fp16": torch.float16,
     "bf16": torch.bfloat16,
     "fp32": torch.float32,
 }
-TOKEN_MODES = ("all", "cls", "cls+random")
+CACHE_TOKENS = ("all", "cls", "cls+random")
+"""Which tokens of each image a cache stores (the `cache_tokens` / `tokens` setting)."""
 BAD_IMAGE_POLICIES = ("error", "skip")
 SHARD_TENSORS = ("x", "y", "label", "image_id", "token_index")
 _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -52,8 +75,11 @@ _SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8,
 }
 _SAFETENSORS_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
-_SHARD_RE = re.compile(r"shard_\d{5}\.safetensors")
-_STATS_CHUNK_TOKENS = 64  # part of the format: changing it changes the last bits of stats
+SHARD_FILE_RE = re.compile(r"shard_\d{5}\.safetensors")
+"""File names of shards (`shard_file_name`)."""
+STATS_CHUNK_TOKENS = 64
+"""Stored tokens per statistics chunk: part of the format (changing it changes the last bits
+of the manifest's statistics)."""
 _IO_CHUNK = 1 << 24  # 16 MiB; hashlib and file writes release the GIL on pieces this big
 _MAX_HEADER_BYTES = 100_000_000
 
@@ -63,21 +89,19 @@ def shard_file_name(index: int) -> str:
     return f"shard_{index:05d}.safetensors"
 
 
-def _human_bytes(n: float) -> str:
-    """Format a byte count in decimal units (`1.84 MB`)."""
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
-
-
-# ----------------------------------------------------------------------- token selection
+# ------------------------------------------------------------------------ stored tokens
 
 
 @dataclass(frozen=True)
-class _TokenSelection:
-    """Which token positions of each image are stored."""
+class StoredTokens:
+    """Which token positions of each image a cache stores (the `cache_tokens` setting).
+
+    Attributes:
+        mode: One of `CACHE_TOKENS`: "all", "cls" or "cls+random".
+        n_random_patches: Patch tokens drawn per image in "cls+random".
+        seed: Seed of the per-image draw in "cls+random".
+        teacher_tokens: Tokens per image of the teacher (T).
+    """
 
     mode: str
     n_random_patches: int
@@ -96,20 +120,21 @@ class _TokenSelection:
         return {"mode": self.mode}
 
     def positions(self, image_ids: Sequence[int]) -> np.ndarray:
-        """Stored token positions, [N, n_tokens] int64 (see `token_positions`)."""
-        return token_positions(
+        """Stored token positions, [N, n_tokens] int64 (see `cached_token_positions`)."""
+        return cached_token_positions(
             image_ids, self.mode, self.teacher_tokens, self.n_random_patches, self.seed
         )
 
 
-def token_positions(
+def cached_token_positions(
     image_ids: Sequence[int],
     mode: str,
     teacher_tokens: int,
     n_random_patches: int = 16,
     seed: int = 0,
 ) -> np.ndarray:
-    """Token positions stored for each image.
+    """Token positions a cache stores for each image (`cache_tokens`; not the token groups of
+    `clt_lightning.tokens`, which name kinds of tokens).
 
     Args:
         image_ids: Dataset image ids, [N].
@@ -197,10 +222,18 @@ def safetensors_order(tensors: Mapping[str, Tensor]) -> list[str]:
     return sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
 
 
-def _write_safetensors(
+def write_safetensors(
     path: Path, tensors: Mapping[str, Tensor], metadata: Mapping[str, str]
 ) -> tuple[str, int]:
-    """Atomically write a safetensors file; return its sha256 hex digest and size."""
+    """Atomically write a safetensors file (`safetensors_header`, then the tensors' bytes).
+
+    Returns:
+        (sha256 hex digest, size in bytes) of the file written.
+
+    Raises:
+        CacheError: On a big-endian machine (safetensors is little-endian).
+        DiskSpaceError: The device is full (nothing is left behind).
+    """
     if sys.byteorder != "little":  # pragma: no cover
         raise CacheError("writing a cache needs a little-endian machine (safetensors is LE)")
     header = safetensors_header(tensors, metadata)
@@ -229,12 +262,23 @@ def _format_json(value: Any, indent: int = 0) -> str:
     return json.dumps(value, allow_nan=False)
 
 
-def _write_manifest(out_dir: Path, manifest: Mapping[str, Any]) -> None:
+def write_manifest(out_dir: Path, manifest: Mapping[str, Any]) -> None:
+    """Atomically write `out_dir/manifest.json` (nested containers indented, flat number
+    lists on one line).
+
+    Raises:
+        DiskSpaceError: The device is full (the previous manifest stays intact).
+    """
     text = (_format_json(manifest) + "\n").encode()
     _atomic_write(out_dir / MANIFEST_NAME, lambda f: f.write(text))
 
 
-def _read_manifest(path: Path) -> dict[str, Any]:
+def read_manifest(path: Path) -> dict[str, Any]:
+    """Parse a manifest file (unvalidated: see `cache_manifest.validate_manifest`).
+
+    Raises:
+        CacheError: The file cannot be read, is not JSON, or is not a JSON object.
+    """
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -247,8 +291,19 @@ def _read_manifest(path: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------ safetensors reading
 
 
-def _read_and_hash(path: Path, want_hash: bool) -> tuple[bytearray, str | None]:
-    """Read a whole file into memory, hashing it piece by piece as it is read."""
+def read_and_hash(path: Path, want_hash: bool) -> tuple[bytearray, str | None]:
+    """Read a whole file into memory, hashing it piece by piece as it is read.
+
+    Args:
+        path: The file.
+        want_hash: Compute its sha256 on the way.
+
+    Returns:
+        (the file's bytes, sha256 hex digest or None).
+
+    Raises:
+        CorruptShardError: The file shrank while it was read.
+    """
     size = path.stat().st_size
     buffer = bytearray(size)
     view = memoryview(buffer)

@@ -17,10 +17,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from clt_lightning.data.cache_format import SHARD_FILE_RE
 from clt_lightning.errors import CacheError
 
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
-SHARD_FILE_RE = re.compile(r"shard_\d{5}\.safetensors")
 
 _POSITIVE = ("n_layers", "d_model", "tokens_per_image")
 _OBJECTS = ("teacher", "dataset", "stats")

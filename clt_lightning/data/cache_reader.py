@@ -1,7 +1,7 @@
 """Reading the activation cache: `open_cache`, `ActivationCache` and `verify_cache`.
 
-Owns manifest validation and the verified shard reader. `clt_lightning.data.cache` is the
-public facade.
+Owns the reader's manifest checks (format version, dtype, completeness, on top of
+`cache_manifest.validate_manifest`) and the verified shard reader.
 """
 
 from __future__ import annotations
@@ -20,16 +20,13 @@ from clt_lightning.data.cache_format import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     SHARD_TENSORS,
-    _read_and_hash,
-    _read_manifest,
     parse_safetensors,
+    read_and_hash,
+    read_manifest,
 )
 from clt_lightning.data.cache_manifest import validate_manifest
 from clt_lightning.data.cache_stats import CacheStats, Moments
-from clt_lightning.errors import (
-    CacheError,
-    CorruptShardError,
-)
+from clt_lightning.errors import CacheError, CorruptShardError
 
 
 def _validate_manifest(path: Path, manifest: Mapping[str, Any]) -> None:
@@ -125,7 +122,7 @@ class ActivationCache:
         record, path = self.manifest["shards"][i], self.shard_path(i)
         if not path.is_file():
             raise CacheError(f"shard file {path} listed in the manifest is missing")
-        data, sha256 = _read_and_hash(path, self.verify)
+        data, sha256 = read_and_hash(path, self.verify)
         if self.verify and sha256 != record["sha256"]:
             raise CorruptShardError(
                 f"{path} is corrupted: expected sha256 {record['sha256']} ({record['bytes']} "
@@ -179,7 +176,7 @@ def open_cache(path: str | Path, verify: bool = True) -> ActivationCache:
             f"no activation cache at {path} ({MANIFEST_NAME} not found); create it with "
             f"`clt cache --config <your config.yaml>`"
         )
-    manifest = _read_manifest(manifest_path)
+    manifest = read_manifest(manifest_path)
     _validate_manifest(path, manifest)
     for record in manifest["shards"]:
         shard = path / record["file"]

@@ -1,9 +1,13 @@
 """Background shard writer of the activation cache.
 
-Owns the shard job and run state (`_ShardJob`, `_CacheState`), the finiteness check, and
-`_ShardWriter`: the single background thread that computes statistics, hashes, serialises
-and fsyncs each shard and commits it to the manifest, with at most `_MAX_PENDING_SHARDS`
-shards handed over and not yet committed. `clt_lightning.data.cache` is the public facade.
+Owns the shard job and run state (`ShardJob`, `CacheState`), the finiteness check, and
+`ShardWriter`: the single background thread that computes statistics, hashes, serialises
+and fsyncs each shard and commits it to the manifest.
+
+Design decision: statistics, hashing, serialisation and fsync run on one background writer
+thread with at most `_MAX_PENDING_SHARDS` shards handed over and not yet committed, so disk
+work overlaps the teacher's forward pass. The writer thread owns the manifest while a run
+is in flight.
 """
 
 from __future__ import annotations
@@ -19,17 +23,13 @@ import numpy as np
 from torch import Tensor
 
 from clt_lightning.data import cache_format
-from clt_lightning.data.cache_format import (
-    _human_bytes,
-    shard_file_name,
-)
+from clt_lightning.data.cache_format import shard_file_name
 from clt_lightning.data.cache_manifest import stats_digest
 from clt_lightning.data.cache_stats import Moments
-from clt_lightning.errors import (
-    CacheError,
-)
+from clt_lightning.errors import CacheError
+from clt_lightning.files import human_bytes
 
-logger = logging.getLogger("clt_lightning.data.cache")  # one logger for the whole cache
+logger = logging.getLogger("clt_lightning.data.cache")  # one logger for all cache_* modules
 
 
 _MAX_PENDING_SHARDS = 2  # shards handed to the writer thread and not yet committed
@@ -39,8 +39,16 @@ _MAX_PENDING_SHARDS = 2  # shards handed to the writer thread and not yet commit
 
 
 @dataclass
-class _ShardJob:
-    """One finished shard handed to the writer thread."""
+class ShardJob:
+    """One finished shard handed to the writer thread.
+
+    Attributes:
+        index: Shard index i (file `shard_file_name(i)`).
+        first_image_id: First dataset image id the shard covers.
+        end_image_id: One past its last image id.
+        tensors: The shard's tensors (`SHARD_TENSORS`), x and y [n, T', L, d].
+        skipped: {"image_id", "reason"} of the unreadable images left out.
+    """
 
     index: int
     first_image_id: int
@@ -50,8 +58,14 @@ class _ShardJob:
 
 
 @dataclass
-class _CacheState:
-    """The manifest being built, with the running statistics as float64 arrays."""
+class CacheState:
+    """The manifest being built, with the running statistics as float64 arrays.
+
+    Attributes:
+        manifest: Every manifest field but the statistics.
+        x: Running moments of the stored x, [L, d].
+        y: Running moments of the stored y, [L, d].
+    """
 
     manifest: dict[str, Any]
     x: Moments
@@ -64,7 +78,7 @@ class _CacheState:
         manifest["stats_sha256"] = stats_digest(manifest["stats"])
         return manifest
 
-    def commit(self, job: _ShardJob, record: dict[str, Any], x: Moments, y: Moments) -> None:
+    def commit(self, job: ShardJob, record: dict[str, Any], x: Moments, y: Moments) -> None:
         """Account for a shard whose file is on disk."""
         self.manifest["shards"].append(record)
         self.manifest["skipped"].extend(job.skipped)
@@ -73,7 +87,7 @@ class _CacheState:
         self.x, self.y = self.x.merge(x), self.y.merge(y)
 
 
-def _check_finite(moments: Moments, name: str, job: _ShardJob, dtype: str) -> None:
+def _check_finite(moments: Moments, name: str, job: ShardJob, dtype: str) -> None:
     """Refuse a shard whose stored values overflowed (or that holds NaN)."""
     bad = [int(layer) for layer in np.flatnonzero(~np.isfinite(moments.mean).all(axis=1))]
     if bad:
@@ -84,22 +98,26 @@ def _check_finite(moments: Moments, name: str, job: _ShardJob, dtype: str) -> No
         )
 
 
-class _ShardWriter:
+class ShardWriter:
     """Background thread that commits shards in order: stats, shard file, manifest.
 
     At most `_MAX_PENDING_SHARDS` shards wait or are being written; `submit` blocks beyond
     that. After a failure nothing later is committed (the manifest must list a prefix of the
     shards), and the failure is raised by the next `submit` or by `close`.
+
+    Args:
+        out_dir: The cache folder.
+        state: The manifest and statistics so far (committed shards are added to it).
     """
 
-    def __init__(self, out_dir: Path, state: _CacheState) -> None:
+    def __init__(self, out_dir: Path, state: CacheState) -> None:
         self.out_dir, self.state = out_dir, state
         self.bytes_written = 0
         self._failed = False
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clt-cache-writer")
         self._pending: deque[Future[None]] = deque()
 
-    def submit(self, job: _ShardJob) -> None:
+    def submit(self, job: ShardJob) -> None:
         """Queue a shard; raises a previous shard's error."""
         while self._pending and (len(self._pending) >= _MAX_PENDING_SHARDS or self._failed):
             self._pending.popleft().result()
@@ -117,7 +135,7 @@ class _ShardWriter:
         finally:
             self._pool.shutdown(wait=True)
 
-    def _commit(self, job: _ShardJob) -> None:
+    def _commit(self, job: ShardJob) -> None:
         if self._failed:
             return
         try:
@@ -128,7 +146,7 @@ class _ShardWriter:
             _check_finite(y, "y", job, dtype)
             name = shard_file_name(job.index)
             metadata = {"format": "clt-activation-shard", "shard_index": str(job.index)}
-            sha256, size = cache_format._write_safetensors(
+            sha256, size = cache_format.write_safetensors(
                 self.out_dir / name, job.tensors, metadata
             )
             record = {
@@ -140,9 +158,9 @@ class _ShardWriter:
                 "bytes": size,
             }
             self.state.commit(job, record, x, y)
-            cache_format._write_manifest(self.out_dir, self.state.to_manifest())
+            cache_format.write_manifest(self.out_dir, self.state.to_manifest())
             self.bytes_written += size
-            logger.debug("committed %s (%s)", name, _human_bytes(size))
+            logger.debug("committed %s (%s)", name, human_bytes(size))
         except BaseException:
             self._failed = True
             raise

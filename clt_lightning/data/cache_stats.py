@@ -1,8 +1,17 @@
 """Streaming statistics of the activation cache: `Moments` and `CacheStats`.
 
 Owns the float64 (count, mean, M2) accumulator merged with Chan et al.'s parallel update
-over fixed chunks of `_STATS_CHUNK_TOKENS` stored tokens, and the per-layer statistics an
-`ActivationCache` reports. `clt_lightning.data.cache` is the public facade.
+over fixed chunks of `STATS_CHUNK_TOKENS` stored tokens, and the per-layer statistics an
+`ActivationCache` reports.
+
+Design decision: statistics describe the values as stored (after the dtype cast): they are
+then the statistics of the exact training data and anyone can recompute them from the
+shards. They are accumulated in float64 with numpy (single-threaded, so the summation order
+does not depend on the thread count) over fixed chunks of `STATS_CHUNK_TOKENS` stored tokens
+of each shard, each chunk two-pass (mean, then squared deviations), merged in order with
+Chan et al.'s parallel update. The running (count, mean, M2) is saved in the manifest as
+JSON floats, which round-trip float64 exactly, so a resumed run ends with bit-identical
+statistics. (The manifest rather than a side file: one atomic rename commits everything.)
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from clt_lightning.data.cache_format import _STATS_CHUNK_TOKENS
+from clt_lightning.data.cache_format import STATS_CHUNK_TOKENS
 from clt_lightning.errors import (
     CacheError,
 )
@@ -66,7 +75,7 @@ class Moments:
         return cls(v.shape[0], mean.reshape(n_layers, d_model), m2.reshape(n_layers, d_model))
 
     @classmethod
-    def of_chunks(cls, values: Tensor, chunk_tokens: int = _STATS_CHUNK_TOKENS) -> Moments:
+    def of_chunks(cls, values: Tensor, chunk_tokens: int = STATS_CHUNK_TOKENS) -> Moments:
         """Moments of [..., L, d] over fixed chunks of `chunk_tokens` rows, merged in order.
 
         Small chunks keep the float64 working set in the CPU cache (several times faster

@@ -3,7 +3,7 @@
 Owns the teacher/dataset protocols, the batch feed (guarded dataset, collation, per-shard
 batches, token capture, shard buffers, bad-image handling), argument validation and
 `write_cache` itself, which hands finished shards to the background writer in
-`clt_lightning.data.cache_shards`. `clt_lightning.data.cache` is the public facade.
+`clt_lightning.data.cache_shards`. `docs/cache-format.md` specifies what it writes.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -23,53 +23,28 @@ from tqdm.auto import tqdm
 from clt_lightning.data import cache_format
 from clt_lightning.data.cache_format import (
     BAD_IMAGE_POLICIES,
+    CACHE_TOKENS,
     DTYPES,
-    FORMAT_VERSION,
     MANIFEST_NAME,
-    TOKEN_MODES,
     CacheDtype,
-    TokenMode,
-    _human_bytes,
-    _TokenSelection,
+    CacheTokens,
+    StoredTokens,
 )
 from clt_lightning.data.cache_resume import (
-    _check_disk_space,
-    _check_foreign_files,
-    _exclusive_lock,
-    _jsonable,
-    _start_or_resume,
+    CacheDataset,
+    CacheTeacher,
+    cache_settings,
+    check_disk_space,
+    check_foreign_files,
+    exclusive_lock,
+    start_or_resume,
 )
-from clt_lightning.data.cache_shards import _CacheState, _ShardJob, _ShardWriter
-from clt_lightning.errors import (
-    CacheError,
-    ConfigError,
-    UnreadableImageError,
-)
+from clt_lightning.data.cache_shards import CacheState, ShardJob, ShardWriter
+from clt_lightning.errors import CacheError, ConfigError, UnreadableImageError
+from clt_lightning.files import human_bytes
 from clt_lightning.tokens import TokenLayout, layout_of
 
-logger = logging.getLogger("clt_lightning.data.cache")  # one logger for the whole cache
-
-
-class CacheTeacher(Protocol):
-    """What `write_cache` needs from `clt_lightning.teacher.Teacher`."""
-
-    n_layers: int
-    d_model: int
-    tokens_per_image: int
-
-    def identity(self) -> dict[str, Any]: ...
-
-    def capture(self, images: Tensor) -> Any: ...  # Capture(x [N,T,L,d], y [N,T,L,d])
-
-
-class CacheDataset(Protocol):
-    """What `write_cache` needs from `clt_lightning.data.datasets.ImageDataset`."""
-
-    def __len__(self) -> int: ...
-
-    def __getitem__(self, i: int) -> tuple[Tensor, int]: ...
-
-    def identity(self) -> dict[str, Any]: ...
+logger = logging.getLogger("clt_lightning.data.cache")  # one logger for all cache_* modules
 
 
 # ------------------------------------------------------------------- writer: data feed
@@ -153,7 +128,7 @@ class _ShardBuffer:
         self.positions.append(positions)
         self.n += n
 
-    def finish(self) -> _ShardJob:
+    def finish(self) -> ShardJob:
         """The shard's tensors, trimmed to the images actually stored."""
         empty = torch.zeros(0, dtype=torch.int64)
         tensors = {
@@ -163,7 +138,7 @@ class _ShardBuffer:
             "image_id": torch.cat([empty, *self.ids]),
             "token_index": torch.from_numpy(np.concatenate(self.positions)),
         }
-        return _ShardJob(self.index, self.first_id, self.end_id, tensors, self.skipped)
+        return ShardJob(self.index, self.first_id, self.end_id, tensors, self.skipped)
 
 
 def _teacher_device(teacher: CacheTeacher) -> torch.device:
@@ -182,7 +157,7 @@ def _capture_tokens(
     teacher: CacheTeacher,
     images: Tensor,
     device: torch.device,
-    selection: _TokenSelection,
+    selection: StoredTokens,
     positions: np.ndarray,
     dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor]:
@@ -219,12 +194,15 @@ class _Run:
     """Everything the production loop needs."""
 
     teacher: CacheTeacher
-    selection: _TokenSelection
+    selection: StoredTokens
     dtype: torch.dtype
     images_per_shard: int
     n_dataset_images: int
     on_bad_image: str
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    device: torch.device = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.device = _teacher_device(self.teacher)
 
     def new_buffer(self, index: int) -> _ShardBuffer:
         first = index * self.images_per_shard
@@ -244,7 +222,7 @@ def _handle_bad_images(run: _Run, batch: _Batch, buffer: _ShardBuffer) -> None:
         buffer.skipped.append({"image_id": image_id, "reason": reason})
 
 
-def _produce(run: _Run, loader: Iterator[_Batch], writer: _ShardWriter, bar: tqdm) -> None:
+def _produce(run: _Run, loader: Iterator[_Batch], writer: ShardWriter, bar: tqdm) -> None:
     """The main loop: teacher forward per batch, one shard job per finished shard."""
     buffer: _ShardBuffer | None = None
     for batch in loader:
@@ -261,34 +239,9 @@ def _produce(run: _Run, loader: Iterator[_Batch], writer: _ShardWriter, bar: tqd
             )
             buffer.add(x, y, batch.labels, batch.image_ids, positions)
         bar.update(batch.n_requested)
-        bar.set_postfix_str(f"{_human_bytes(writer.bytes_written)} written", refresh=False)
+        bar.set_postfix_str(f"{human_bytes(writer.bytes_written)} written", refresh=False)
     if buffer is not None:
         writer.submit(buffer.finish())
-
-
-def _cache_settings(
-    teacher: CacheTeacher,
-    dataset: CacheDataset,
-    dtype: str,
-    selection: _TokenSelection,
-    images_per_shard: int,
-) -> dict[str, Any]:
-    """The manifest fields that must match for a cache to be resumed or reused."""
-    teacher_identity = _jsonable(teacher.identity())
-    return {
-        "format_version": FORMAT_VERSION,
-        "teacher": teacher_identity,
-        "dataset": _jsonable(dataset.identity()),
-        "dataset_n_images": len(dataset),
-        "input_site": teacher_identity.get("input_site"),
-        "n_layers": int(teacher.n_layers),
-        "d_model": int(teacher.d_model),
-        "tokens_per_image": selection.n_tokens,
-        "teacher_tokens_per_image": int(teacher.tokens_per_image),
-        "dtype": dtype,
-        "tokens": selection.settings(),
-        "images_per_shard": images_per_shard,
-    }
 
 
 def _validate_arguments(
@@ -297,13 +250,13 @@ def _validate_arguments(
     on_bad_image: str,
     n_random_patches: int,
     seed: int,
-    teacher_tokens: int,
+    teacher: CacheTeacher,
     sizes: Mapping[str, int],
 ) -> None:
     if dtype not in DTYPES:
         raise ConfigError(f"dtype={dtype!r} is not valid; use one of {sorted(DTYPES)}")
-    if tokens not in TOKEN_MODES:
-        raise ConfigError(f"tokens={tokens!r} is not valid; use one of {list(TOKEN_MODES)}")
+    if tokens not in CACHE_TOKENS:
+        raise ConfigError(f"tokens={tokens!r} is not valid; use one of {list(CACHE_TOKENS)}")
     if on_bad_image not in BAD_IMAGE_POLICIES:
         raise ConfigError(
             f"on_bad_image={on_bad_image!r} is not valid; use one of {list(BAD_IMAGE_POLICIES)}"
@@ -311,6 +264,7 @@ def _validate_arguments(
     for name, value in sizes.items():
         if value < 1:
             raise ConfigError(f"{name}={value} is not valid; it must be at least 1")
+    teacher_tokens = teacher.tokens_per_image
     if tokens == "cls+random" and not 1 <= n_random_patches <= teacher_tokens - 1:
         raise ConfigError(
             f"n_random_patches={n_random_patches} is not valid for a teacher with "
@@ -318,6 +272,7 @@ def _validate_arguments(
         )
     if tokens == "cls+random" and seed < 0:
         raise ConfigError(f"seed={seed} is not valid; it must be >= 0")
+    _check_token_mode(tokens, layout_of(teacher))
 
 
 def write_cache(
@@ -329,7 +284,7 @@ def write_cache(
     images_per_shard: int = 256,
     batch_size: int = 64,
     num_workers: int = 0,
-    tokens: TokenMode = "all",
+    tokens: CacheTokens = "all",
     n_random_patches: int = 16,
     on_bad_image: Literal["error", "skip"] = "error",
     seed: int = 0,
@@ -363,59 +318,68 @@ def write_cache(
         UnreadableImageError: An image does not decode and on_bad_image="error".
     """
     sizes = {"images_per_shard": images_per_shard, "batch_size": batch_size}
-    _validate_arguments(
-        dtype, tokens, on_bad_image, n_random_patches, seed, teacher.tokens_per_image, sizes
-    )
+    _validate_arguments(dtype, tokens, on_bad_image, n_random_patches, seed, teacher, sizes)
+    _check_workers_and_images(num_workers, dataset)
+    stored = StoredTokens(tokens, n_random_patches, seed, teacher.tokens_per_image)
+    settings = cache_settings(teacher, dataset, dtype, stored, images_per_shard)
+    out_dir = Path(out_dir)
+    if _already_complete(out_dir, settings, batch_size):  # no lock: may be read-only storage
+        return out_dir
+    _prepare_folder(out_dir)
+    with exclusive_lock(out_dir):
+        state = start_or_resume(out_dir, settings, batch_size)
+        if state is None:
+            logger.info("activation cache %s is already complete", out_dir)
+            return out_dir
+        run = _Run(teacher, stored, DTYPES[dtype], images_per_shard, len(dataset), on_bad_image)
+        _write_shards(run, dataset, out_dir, state, batch_size, num_workers, progress)
+    return out_dir
+
+
+def _prepare_folder(out_dir: Path) -> None:
+    """Create the folder; refuse one holding foreign files before the lock file is made."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not (out_dir / MANIFEST_NAME).exists():
+        check_foreign_files(out_dir)
+
+
+def _check_workers_and_images(num_workers: int, dataset: CacheDataset) -> None:
     if num_workers < 0:
         raise ConfigError(f"num_workers={num_workers} is not valid; it must be >= 0")
     if len(dataset) == 0:
         raise CacheError(f"the dataset {dataset.identity()} has no images to cache")
-    _check_token_mode(tokens, layout_of(teacher))
-    selection = _TokenSelection(tokens, n_random_patches, seed, teacher.tokens_per_image)
-    settings = _cache_settings(teacher, dataset, dtype, selection, images_per_shard)
-    out_dir = Path(out_dir)
-    if (out_dir / MANIFEST_NAME).is_file() and _start_or_resume(
-        out_dir, settings, batch_size
-    ) is None:  # nothing to write, so no lock: a complete cache may be on read-only storage
-        logger.info("activation cache %s is already complete", out_dir)
-        return out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not (out_dir / MANIFEST_NAME).exists():
-        _check_foreign_files(out_dir)  # before the lock file is created in someone's folder
-    with _exclusive_lock(out_dir):
-        state = _start_or_resume(out_dir, settings, batch_size)
-        if state is None:
-            logger.info("activation cache %s is already complete", out_dir)
-            return out_dir
-        for stale in out_dir.glob(".*.tmp"):
-            stale.unlink()
-        run = _Run(
-            teacher,
-            selection,
-            DTYPES[dtype],
-            images_per_shard,
-            len(dataset),
-            on_bad_image,
-            _teacher_device(teacher),
-        )
-        _write_shards(run, dataset, out_dir, state, batch_size, num_workers, progress)
-    return out_dir
+
+
+def _already_complete(out_dir: Path, settings: dict[str, Any], batch_size: int) -> bool:
+    """Whether `out_dir` holds the complete cache of these settings (nothing to write).
+
+    Raises:
+        CacheError: As `start_or_resume` (a cache made with other settings).
+    """
+    if not (out_dir / MANIFEST_NAME).is_file():
+        return False
+    if start_or_resume(out_dir, settings, batch_size) is not None:
+        return False
+    logger.info("activation cache %s is already complete", out_dir)
+    return True
 
 
 def _write_shards(
     run: _Run,
     dataset: CacheDataset,
     out_dir: Path,
-    state: _CacheState,
+    state: CacheState,
     batch_size: int,
     num_workers: int,
     progress: bool,
 ) -> None:
     """Produce every missing shard, then mark the cache complete."""
+    for stale in out_dir.glob(".*.tmp"):  # temp files of a killed run (we hold the lock)
+        stale.unlink()
     start_shard = len(state.manifest["shards"])
     start = min(start_shard * run.images_per_shard, run.n_dataset_images)
-    _check_disk_space(out_dir, run.n_dataset_images - start, state.manifest)
-    cache_format._write_manifest(out_dir, state.to_manifest())  # a new cache exists from here on
+    check_disk_space(out_dir, run.n_dataset_images - start, state.manifest)
+    cache_format.write_manifest(out_dir, state.to_manifest())  # a new cache exists from here on
     if start_shard:
         logger.info("resuming %s after %d complete shards (image %d)", out_dir, start_shard, start)
     batches = _shard_batches(start_shard, run.n_dataset_images, run.images_per_shard, batch_size)
@@ -426,7 +390,7 @@ def _write_shards(
         num_workers=num_workers,
         pin_memory=False,
     )
-    writer = _ShardWriter(out_dir, state)
+    writer = ShardWriter(out_dir, state)
     bar = tqdm(
         total=run.n_dataset_images,
         initial=start,
@@ -442,12 +406,12 @@ def _write_shards(
         writer.close(raise_errors=False)  # commit the finished shards already handed over
         raise
     finally:
-        bar.set_postfix_str(f"{_human_bytes(writer.bytes_written)} written")
+        bar.set_postfix_str(f"{human_bytes(writer.bytes_written)} written")
         bar.close()
     if state.manifest["n_images"] == 0:
         raise CacheError(f"no image of {out_dir} could be read: every image was skipped")
     state.manifest["complete"] = True
-    cache_format._write_manifest(out_dir, state.to_manifest())
+    cache_format.write_manifest(out_dir, state.to_manifest())
     logger.info(
         "activation cache %s complete: %d images, %d skipped",
         out_dir,

@@ -2,8 +2,11 @@
 
 Every batch is the token batch (docs/architecture.md) `{"x": [B, L, d] float32, "y": [B, L, d] float32,
 "token": [B] int64, "image": [B] int64}`, whichever the source. The streaming, shuffling and
-rank/worker split live in `clt_lightning.data.streams` (pure, tested on their own); this
-module only turns the config into those streams and hands them to Lightning.
+rank/worker split live in `clt_lightning.data.streams` (pure, tested on their own) and the
+two streams in `cached_stream` and `online_stream`; the train loader in `loaders`; the
+normalisation from a cache in `normalisation`; the cache-vs-config check in
+`cache_resume.config_mismatches`. This module only turns the config into those streams
+and hands them to Lightning.
 
 Design decisions:
 
@@ -43,213 +46,34 @@ Design decisions:
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import json
 import logging
 import math
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
-from clt_lightning.data.cache import ActivationCache, open_cache, write_cache
-from clt_lightning.data.datasets import DatasetConfig, build_dataset, resolve_split
-from clt_lightning.data.streams import (
-    TOKEN_FILTERS,
-    CachedTokenStream,
-    OnlineTokenStream,
-    assign_shards,
-    filtered_tokens_per_image,
-    permutation,
-    shard_token_rows,
-)
+from clt_lightning.data.cache_reader import ActivationCache, open_cache
+from clt_lightning.data.cache_resume import config_mismatches
+from clt_lightning.data.cache_writer import write_cache
+from clt_lightning.data.cached_stream import CachedTokenStream
+from clt_lightning.data.datasets import DatasetConfig, build_dataset
+from clt_lightning.data.loaders import EpochDataLoader, report_coverage
+from clt_lightning.data.normalisation import scales_from_mean_sq_norm, trained_mean_sq_norms
+from clt_lightning.data.online_stream import OnlineTokenStream
+from clt_lightning.data.streams import permutation
 from clt_lightning.errors import CacheError, ConfigError
 from clt_lightning.files import require_folder
-from clt_lightning.hashing import file_sha256, json_sha256
 from clt_lightning.teacher import Teacher, TeacherConfig
 from clt_lightning.teacher_checks import validate_device
-from clt_lightning.tokens import TokenLayout
-
-__all__ = ["ActivationDataModule", "EpochDataLoader", "assign_shards", "bench_datamodule"]
+from clt_lightning.tokens import TOKEN_GROUPS, TokenLayout
 
 log = logging.getLogger(__name__)
 
 _STATS_STREAM = 0x57A75  # entropy tag for the online normalisation image sample
-
-
-class _EpochSampler(Sampler[None]):
-    """The `sampler` of an `EpochDataLoader`: Lightning calls `set_epoch(epoch)` on a
-    loader's sampler at the start of every epoch (its count of epochs processed, right
-    after a resume too), which here selects the stream's epoch. Yields no indices: the
-    stream is an IterableDataset."""
-
-    def __init__(self, stream: Any) -> None:
-        self.stream = stream
-
-    def set_epoch(self, epoch: int) -> None:
-        self.stream.set_epoch(epoch)
-
-    def __iter__(self) -> Iterator[None]:
-        return itertools.repeat(None)
-
-
-class EpochDataLoader(DataLoader):
-    """DataLoader of a token stream whose epoch Lightning sets, and that resumes mid-epoch
-    (Lightning's stateful-dataloader protocol, `state_dict` / `load_state_dict`).
-
-    Lightning sets the epoch through the loader's `sampler` (`_EpochSampler`) in the main
-    process before workers copy the stream. `state_dict()` (saved in every checkpoint)
-    records the epoch being iterated and the batches of it trained so far, counted from
-    the trainer's public `global_step` (x `accumulate_grad_batches`) since the iteration
-    began, plus those skipped on resume; Lightning's prefetching does not count. After
-    `load_state_dict()`, the next iteration of that same epoch skips those batches, so a
-    run resumed from a mid-epoch checkpoint trains on exactly the batches an
-    uninterrupted run would. Skipping replays the stream (it reads and shuffles the
-    skipped shards again), which keeps the shuffle buffer's state exact.
-
-    Args:
-        stream: The token stream (an IterableDataset with `set_epoch` and `epoch`).
-        trainer_fn: Returns the trainer (or None) whose progress counts the batches.
-        **kwargs: DataLoader arguments (batch_size=None: the stream yields batches).
-    """
-
-    def __init__(
-        self, stream: Any, *, trainer_fn: Callable[[], Any] | None = None, **kwargs: Any
-    ) -> None:
-        super().__init__(stream, **kwargs)
-        self.trainer_fn = trainer_fn
-        self._epoch: int | None = None
-        self._skipped = self._start = 0
-        self._resume: dict[str, Any] | None = None
-
-    @property
-    def sampler(self) -> _EpochSampler:
-        """Where Lightning sets the epoch (`set_epoch`)."""
-        return _EpochSampler(self.dataset)
-
-    @sampler.setter
-    def sampler(self, value: Any) -> None:
-        """DataLoader.__init__ assigns its no-op sampler for IterableDatasets; ours stays."""
-
-    def _trained(self) -> int:
-        trainer = self.trainer_fn() if self.trainer_fn is not None else None
-        if trainer is None:
-            return 0
-        steps = getattr(trainer, "global_step", 0)  # a stand-in trainer may have no steps
-        return steps * getattr(trainer, "accumulate_grad_batches", 1)
-
-    def state_dict(self) -> dict[str, Any]:
-        """{"epoch": epoch being iterated, "batches": batches of it trained}."""
-        return {"epoch": self._epoch, "batches": self._skipped + self._trained() - self._start}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Skip the trained batches when the saved epoch is iterated next."""
-        self._resume = dict(state_dict)
-
-    def __iter__(self) -> Iterator[Any]:
-        self._epoch = getattr(self.dataset, "epoch", None)
-        resume, self._resume = self._resume, None
-        self._skipped = 0
-        if resume and resume.get("epoch") == self._epoch:
-            self._skipped = max(0, int(resume.get("batches", 0)))
-        self._start = self._trained()
-        iterator = super().__iter__()
-        if self._skipped:
-            log.info("resuming epoch %s after %d batches", self._epoch, self._skipped)
-            return itertools.islice(iterator, self._skipped, None)
-        return iterator
-
-
-def scales_from_mean_sq_norm(mean_sq_norm: Tensor, d_model: int) -> Tensor:
-    """Per-layer scale sqrt(d_model / E||a_l||^2) as float32 [L]."""
-    mean_sq_norm = torch.as_tensor(mean_sq_norm, dtype=torch.float64)
-    if not bool(torch.all(mean_sq_norm > 0)):
-        raise CacheError(f"mean squared norms must be positive, got {mean_sq_norm.tolist()}")
-    return torch.sqrt(d_model / mean_sq_norm).to(torch.float32)
-
-
-def trained_mean_sq_norms(cache: ActivationCache, token_filter: str) -> tuple[Tensor, Tensor]:
-    """E||x_l||^2 and E||y_l||^2 per layer ([L] float64) over the tokens the run trains on.
-
-    The manifest's statistics cover every stored token; they are used as they are when the
-    filter keeps every stored token. Otherwise (e.g. token_filter "cls" on a cache of all
-    tokens, where [CLS] norms differ from patch norms by up to ~7x per layer) one pass
-    over the train shards sums the squared norms of the kept tokens in float64.
-
-    Args:
-        cache: The train cache.
-        token_filter: "all", "cls" or "patches".
-    """
-    if filtered_tokens_per_image(cache.tokens_per_image, token_filter) == cache.tokens_per_image:
-        stats = cache.stats()
-        return stats.x_mean_sq_norm, stats.y_mean_sq_norm
-    log.info("normalisation: one pass over %s for the %s tokens", cache.path, token_filter)
-    sums = torch.zeros(2, cache.n_layers, dtype=torch.float64)
-    count = 0
-    for index in range(cache.n_shards):
-        rows = shard_token_rows(cache.load_shard(index), token_filter)
-        for slot, key in enumerate(("x", "y")):
-            sums[slot] += rows[key].double().square().sum(dim=(0, 2))
-        count += len(rows["token"])
-    if count == 0:
-        raise CacheError(f"the cache {cache.path} holds no {token_filter} tokens")
-    return sums[0] / count, sums[1] / count
-
-
-def cache_config_mismatches(
-    manifest: dict[str, Any], module: ActivationDataModule, split: Literal["train", "val"]
-) -> list[str]:
-    """Config fields that disagree with a cache manifest, checked without loading the teacher.
-
-    Compares what is cheap to know from the config: teacher name, pretrained tag, precision
-    and input site; dataset name, split and max_images; stored dtype and token selection.
-    (Weights are identified by hash in the manifest; `clt cache` checks those on resume.)
-
-    Returns:
-        One "key: cache has A, config has B" line per mismatch.
-    """
-    teacher, dataset = module.teacher_config, module.dataset_config
-    stored_teacher, stored_data = manifest.get("teacher", {}), manifest.get("dataset", {})
-    tokens = {"mode": module.cache_options["tokens"]}
-    if tokens["mode"] == "cls+random":
-        tokens.update(n_random_patches=module.cache_options["n_random_patches"], seed=module.seed)
-    pairs = {
-        "teacher.pretrained": (stored_teacher.get("pretrained"), teacher.pretrained),
-        "teacher.precision": (stored_teacher.get("precision"), teacher.precision),
-        "teacher.input_site": (stored_teacher.get("input_site"), teacher.input_site),
-        "dataset.name": (stored_data.get("name"), dataset.name),
-        "dataset.split": (stored_data.get("split"), resolve_split(dataset, split)),
-        "dataset.max_images": (stored_data.get("max_images"), dataset.max_images),
-        "cache_dtype": (manifest.get("dtype"), module.cache_options["dtype"]),
-        "cache_tokens": (manifest.get("tokens"), tokens),
-    }
-    if teacher.model_config is None:
-        pairs["teacher.model_name"] = (stored_teacher.get("model_name"), teacher.model_name)
-    else:  # same shapes, another model: only the hash tells (what `clt cache` compares)
-        pairs["teacher.model_config (sha256)"] = (
-            stored_teacher.get("model_config_sha256"),
-            _model_config_sha256(teacher.model_config),
-        )
-    if teacher.weights is not None:  # reads the file once per setup (~1 s per GB)
-        pairs["teacher.weights (sha256)"] = (
-            stored_teacher.get("weights_sha256"),
-            file_sha256(teacher.weights),
-        )
-    return [f"{key}: cache has {a!r}, config has {b!r}" for key, (a, b) in pairs.items() if a != b]
-
-
-def _model_config_sha256(path: str) -> str | None:
-    """The teacher identity's `model_config_sha256`: sha256 of the JSON with sorted keys."""
-    try:
-        config = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None  # the teacher reports the bad file when it is built
-    return json_sha256(config)
 
 
 class ActivationDataModule(L.LightningDataModule):
@@ -374,9 +198,9 @@ class ActivationDataModule(L.LightningDataModule):
                 raise ConfigError(f"data.{key} must be >= 0, got {value}")
         if self.source not in ("cache", "online"):
             raise ConfigError(f"data.source must be 'cache' or 'online', got {self.source!r}")
-        if self.token_filter not in TOKEN_FILTERS:
+        if self.token_filter not in TOKEN_GROUPS:
             raise ConfigError(
-                f"data.token_filter must be one of {TOKEN_FILTERS}, got {self.token_filter!r}"
+                f"data.token_filter must be one of {TOKEN_GROUPS}, got {self.token_filter!r}"
             )
         if self.source == "cache" and self.cache_dir is None:
             raise ConfigError("data.cache_dir is required with data.source='cache'")
@@ -437,7 +261,7 @@ class ActivationDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         stream = self._stream("train", self.batch_size, shuffle=True, max_batches=None)
         stream.set_epoch(self._current_epoch())
-        _report_coverage(stream, self.batch_size)
+        report_coverage(stream, self.batch_size)
         workers = self.num_workers if self.source == "cache" else 0
         return EpochDataLoader(
             stream, batch_size=None, num_workers=workers, trainer_fn=lambda: self.trainer
@@ -525,7 +349,14 @@ class ActivationDataModule(L.LightningDataModule):
     def _setup_cached(self) -> None:
         train, val = self._open("train"), self._open("val")
         for split, cache in (("train", train), ("val", val)):
-            problems = cache_config_mismatches(cache.manifest, self, split)
+            problems = config_mismatches(
+                cache.manifest,
+                self.teacher_config,
+                self.dataset_config,
+                split,
+                self.cache_options,
+                self.seed,
+            )
             if problems:
                 raise CacheError(
                     f"the {split} cache {cache.path} was written with other settings: "
@@ -642,68 +473,3 @@ class ActivationDataModule(L.LightningDataModule):
             skip_bad_images=self.on_bad_image == "skip",
             **common,
         )
-
-
-def _report_coverage(stream: CachedTokenStream | OnlineTokenStream, batch_size: int) -> None:
-    """Log how much of the split one epoch uses; warn when equal batch counts drop >10%."""
-    if isinstance(stream, CachedTokenStream):
-        total = sum(stream.shard_image_counts) * stream.rows_per_image
-    else:
-        total = len(stream.images) * stream.rows_per_image
-    used = len(stream) * batch_size * stream.world_size
-    share = used / max(total, 1)
-    log.info(
-        "train: %d batches per rank per epoch, %.1f%% of %d tokens", len(stream), 100 * share, total
-    )
-    if share < 0.9:
-        log.warning(
-            "an epoch uses only %.1f%% of the train tokens: every rank must yield as many "
-            "batches as the smallest; use smaller shards (data.images_per_shard) so that they "
-            "divide evenly over world_size x num_workers, or a smaller batch_size",
-            100 * share,
-        )
-
-
-def bench_datamodule(
-    cache_path: str | Path,
-    batch_size: int = 4096,
-    n_batches: int = 50,
-    num_workers: int = 0,
-    shuffle_buffer_shards: int = 4,
-) -> dict[str, float]:
-    """Throughput of the cached train stream on one rank.
-
-    Args:
-        cache_path: An activation cache folder (one split).
-        batch_size: Tokens per batch.
-        n_batches: Batches to time (after one warm-up batch).
-        num_workers: Loader workers.
-        shuffle_buffer_shards: Shards the shuffle buffer spans.
-
-    Returns:
-        tokens_per_s, mb_per_s (float32 x and y delivered, in MB = 1e6 bytes), batches.
-    """
-    cache = open_cache(cache_path, verify=False)
-    stream = CachedTokenStream(
-        cache,
-        batch_size,
-        buffer_shards=shuffle_buffer_shards,
-        num_workers=num_workers,
-        verify=False,
-    )
-    batches = iter(DataLoader(stream, batch_size=None, num_workers=num_workers))
-    next(batches)
-    tokens = n_bytes = done = 0
-    start = time.perf_counter()
-    for batch in batches:
-        tokens += len(batch["token"])
-        n_bytes += batch["x"].nbytes + batch["y"].nbytes
-        done += 1
-        if done == n_batches:
-            break
-    elapsed = max(time.perf_counter() - start, 1e-9)
-    return {
-        "tokens_per_s": tokens / elapsed,
-        "mb_per_s": n_bytes / elapsed / 1e6,
-        "batches": float(done),
-    }

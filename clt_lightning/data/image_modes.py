@@ -12,7 +12,7 @@
 | F | 32-bit floats in [0, 1]: round(v * 255); refused when outside [0, 1] or not finite |
 | LAB and anything else | refused (no colour profile to convert with) |
 
-A refused image raises `ValueError` with the reason; `datasets.open_image` turns it into
+A refused image raises `ValueError` with the reason; `image_datasets.open_image` turns it into
 `UnreadableImageError`, so `on_bad_image` decides (stop, or skip with the reason recorded
 in the cache manifest).
 """

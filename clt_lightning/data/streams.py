@@ -1,7 +1,12 @@
-"""Token streams: shuffled token batches from an activation cache or from a live teacher.
+"""Token streams, the shared part: splitting work over ranks and workers, token rows,
+shuffling, and equal batch counts.
 
-Both streams yield the token batch (docs/architecture.md) `{"x": [B, L, d] float32, "y": [B, L, d] float32,
-"token": [B] int64, "image": [B] int64}`; `ActivationDataModule` wraps them in DataLoaders.
+Two streams yield the token batch (docs/architecture.md) `{"x": [B, L, d] float32,
+"y": [B, L, d] float32, "token": [B] int64, "image": [B] int64}`:
+`cached_stream.CachedTokenStream` (from an activation cache) and
+`online_stream.OnlineTokenStream` (from a live teacher); `ActivationDataModule` wraps them
+in DataLoaders. This module holds what both use: pure functions (`assign_shards`,
+`assign_images`, `batch_quotas`, `shard_token_rows`) and the shuffle buffer.
 
 Design decisions:
 
@@ -35,22 +40,17 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from pathlib import Path
-from typing import Any, Literal
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import get_worker_info
 
-from clt_lightning.errors import CacheError, UnreadableImageError
-from clt_lightning.tokens import CLIP_LAYOUT, TokenLayout, layout_of
+from clt_lightning.tokens import CLIP_LAYOUT, TokenLayout
 
 log = logging.getLogger(__name__)
 
-TokenFilter = Literal["all", "cls", "registers", "patches"]
-TOKEN_FILTERS = ("all", "cls", "registers", "patches")
 Rows = dict[str, Tensor]  # x, y [n, L, d] (any float dtype), token, image [n] int64
 
 
@@ -155,7 +155,7 @@ def batch_quotas(
 
 
 def token_mask(
-    token_index: Tensor, token_filter: TokenFilter, layout: TokenLayout = CLIP_LAYOUT
+    token_index: Tensor, token_filter: str, layout: TokenLayout = CLIP_LAYOUT
 ) -> Tensor | None:
     """Boolean mask of the tokens of a group (`TokenLayout.mask`); None keeps all."""
     if token_filter == "all":
@@ -164,7 +164,7 @@ def token_mask(
 
 
 def shard_token_rows(
-    shard: dict[str, Tensor], token_filter: TokenFilter, layout: TokenLayout = CLIP_LAYOUT
+    shard: dict[str, Tensor], token_filter: str, layout: TokenLayout = CLIP_LAYOUT
 ) -> Rows:
     """Turn a shard (or a teacher capture) into token rows.
 
@@ -320,9 +320,16 @@ def ordered_batches(
         yield to_batch(carry)
 
 
-def _take_quota(
+def take_quota(
     batches: Iterator[dict[str, Tensor]], quota: int | None, what: str
 ) -> Iterator[dict[str, Tensor]]:
+    """The first `quota` batches; warns when fewer came (DDP ranks would disagree).
+
+    Args:
+        batches: A stream's batches.
+        quota: Batches to yield (`batch_quotas`); None yields them all.
+        what: The stream, for the warning.
+    """
     produced = 0
     for batch in itertools.islice(batches, quota):
         produced += 1
@@ -333,154 +340,31 @@ def _take_quota(
         )
 
 
-# ---------------------------------------------------------------------------- cached stream
-class CachedTokenStream(IterableDataset):
-    """Token batches read from an activation cache (see the module docstring).
-
-    Use with `DataLoader(stream, batch_size=None, num_workers=num_workers)`; the epoch is
-    set with `set_epoch` before each iteration (the datamodule's loader does this).
+def filtered_tokens_per_image(
+    tokens_per_image: int, token_filter: str, layout: TokenLayout = CLIP_LAYOUT
+) -> int:
+    """Tokens per image that pass the filter (a token group of `clt_lightning.tokens`).
 
     Args:
-        cache: An `ActivationCache` (`open_cache`); re-opened by path in spawned workers.
-        batch_size: Tokens per batch.
-        token_filter: A token group: "all", "cls", "registers" or "patches".
-        seed: Run seed.
-        shuffle: Shuffle shards and tokens (training) or keep the stored order (validation).
-        buffer_shards: Shards the shuffle buffer spans.
-        world_size: DDP processes.
-        rank: This process's rank.
-        num_workers: DataLoader workers per rank (must match the loader's).
-        drop_last: Drop a worker's last partial batch.
-        max_batches: Optional cap on batches per rank and epoch.
-        verify: Check shard checksums when re-opening the cache in a worker.
-        token_layout: The teacher's token layout (default: from the cache manifest).
+        tokens_per_image: Tokens stored (cache) or made (online) per image.
+        token_filter: A group in `TOKEN_GROUPS` that the layout has.
+        layout: The teacher's token layout.
+
+    Raises:
+        ConfigError: A group the layout lacks.
     """
-
-    def __init__(
-        self,
-        cache: Any,
-        batch_size: int,
-        token_filter: TokenFilter = "all",
-        seed: int = 0,
-        shuffle: bool = True,
-        buffer_shards: int = 4,
-        world_size: int = 1,
-        rank: int = 0,
-        num_workers: int = 0,
-        drop_last: bool = True,
-        max_batches: int | None = None,
-        verify: bool = True,
-        token_layout: TokenLayout | None = None,
-    ) -> None:
-        super().__init__()
-        self.cache, self.cache_path, self.verify = cache, Path(cache.path), verify
-        self.shard_image_counts = list(cache.shard_image_counts)
-        teacher = getattr(cache, "manifest", {}).get("teacher", {})
-        self.token_layout = token_layout or TokenLayout.from_identity(teacher)
-        self.rows_per_image = filtered_tokens_per_image(
-            cache.tokens_per_image, token_filter, self.token_layout
-        )
-        self.batch_size, self.token_filter, self.seed = batch_size, token_filter, seed
-        self.shuffle, self.buffer_shards = shuffle, buffer_shards
-        self.world_size, self.rank, self.num_workers = world_size, rank, num_workers
-        self.drop_last, self.max_batches = drop_last, max_batches
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose shard order and shuffle the next iteration uses."""
-        self.epoch = epoch
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["cache"] = None  # re-opened by path: readers may hold file handles
-        return state
-
-    def shards(self, epoch: int, rank: int, worker_id: int) -> list[int]:
-        """Shards that (rank, worker) reads in an epoch (`assign_shards`)."""
-        n_shards = len(self.shard_image_counts)
-        return assign_shards(
-            n_shards, self.seed, epoch, self.world_size, rank, self.num_workers, worker_id,
-            self.shuffle,
-        )  # fmt: skip
-
-    def quotas(self, epoch: int | None = None) -> list[list[int]]:
-        """Batches per [rank][worker], the same in every epoch.
-
-        Shuffled, a (rank, worker) reads a different set of shards each epoch, and when
-        shards differ in size (the last one, skipped images) so does its token count; its
-        capacity is therefore taken as the worst case over all epochs, the tokens of the
-        smallest shards it could be given (it always gets the same number of shards). So
-        `len()` holds in every epoch, which Lightning reads once. In stored order
-        (validation) the capacity is exact.
-
-        Args:
-            epoch: Unused in shuffled order (kept for callers); the stored order has one.
-        """
-        n_workers = max(1, self.num_workers)
-        n_streams = self.world_size * n_workers
-        smallest_first = sorted(self.shard_image_counts)
-        tokens = []
-        for rank in range(self.world_size):
-            rank_tokens = []
-            for worker in range(n_workers):
-                if self.shuffle:
-                    n_own = len(range(rank * n_workers + worker, len(smallest_first), n_streams))
-                    images = sum(smallest_first[:n_own])
-                else:
-                    shards = self.shards(0, rank, worker)
-                    images = sum(self.shard_image_counts[s] for s in shards)
-                rank_tokens.append(self.rows_per_image * images)
-            tokens.append(rank_tokens)
-        return batch_quotas(tokens, self.batch_size, self.drop_last, self.max_batches)
-
-    def __len__(self) -> int:
-        return sum(self.quotas()[self.rank])
-
-    def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        worker_id = _worker_id(self.num_workers)
-        quota = self.quotas()[self.rank][worker_id]
-        if quota == 0:
-            return
-        chunks = (self._rows(s) for s in self.shards(self.epoch, self.rank, worker_id))
-        if self.shuffle:
-            max_rows = max(self.shard_image_counts) * self.rows_per_image
-            stream = self.rank * max(1, self.num_workers) + worker_id
-            generator = torch.Generator().manual_seed(stream_seed(self.seed, self.epoch, stream))
-            capacity = self.buffer_shards * max_rows + self.batch_size
-            batches = shuffled_batches(
-                chunks, self.batch_size, capacity, max_rows, generator, self.drop_last
-            )
-        else:
-            batches = ordered_batches(chunks, self.batch_size, self.drop_last)
-        yield from _take_quota(batches, quota, f"cache {self.cache_path} rank {self.rank}")
-
-    def _rows(self, shard_index: int) -> Rows:
-        if self.cache is None:
-            from clt_lightning.data.cache import open_cache
-
-            self.cache = open_cache(self.cache_path, verify=self.verify)
-        shard = self.cache.load_shard(shard_index)
-        rows = shard_token_rows(shard, self.token_filter, self.token_layout)
-        expected = self.shard_image_counts[shard_index] * self.rows_per_image
-        if len(rows["token"]) != expected:
-            raise CacheError(
-                f"shard {shard_index} of {self.cache_path} has {len(rows['token'])} "
-                f"{self.token_filter} tokens, the manifest implies {expected}"
-            )
-        return rows
-
-
-def filtered_tokens_per_image(
-    tokens_per_image: int, token_filter: TokenFilter, layout: TokenLayout = CLIP_LAYOUT
-) -> int:
-    """Tokens per image that pass the filter; every stored image holds its [CLS] token."""
     layout.check(token_filter, "data.token_filter")
     counts = {"all": tokens_per_image, "cls": layout.n_cls, "registers": layout.n_registers}
     counts["patches"] = tokens_per_image - layout.n_prefix  # stored patches (all or random)
     return counts[token_filter]
 
 
-def _worker_id(num_workers: int) -> int:
+def worker_id(num_workers: int) -> int:
+    """This DataLoader worker's id (0 in the main process).
+
+    Raises:
+        ValueError: The stream was built for another number of workers.
+    """
     info = get_worker_info()
     if info is None:
         return 0
@@ -489,200 +373,3 @@ def _worker_id(num_workers: int) -> int:
             f"stream built for {num_workers} workers runs in a loader with {info.num_workers}"
         )
     return info.id
-
-
-# ---------------------------------------------------------------------------- online stream
-class _IndexedImages(Dataset):
-    """(image, image id) pairs; with skip, an unreadable image becomes None."""
-
-    def __init__(self, images: Dataset, skip_bad: bool) -> None:
-        self.images, self.skip_bad = images, skip_bad
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, int] | None:
-        try:
-            image, _ = self.images[i]
-        except UnreadableImageError as error:
-            if not self.skip_bad:
-                raise
-            log.warning("skipping unreadable image %d: %s", i, error)
-            return None
-        return image, i
-
-
-def _collate_images(items: list[tuple[Tensor, int] | None]) -> tuple[Tensor, Tensor] | None:
-    items = [item for item in items if item is not None]
-    if not items:
-        return None
-    return torch.stack([image for image, _ in items]), torch.tensor([i for _, i in items])
-
-
-class OnlineTokenStream(IterableDataset):
-    """Token batches made on the fly: images -> frozen teacher -> token rows.
-
-    Runs in the main process (the teacher sits on the training device); image decoding
-    uses its own DataLoader with `num_workers`. Use with `DataLoader(stream,
-    batch_size=None, num_workers=0)`. Each rank gets a disjoint set of images
-    (`assign_images`); the token buffer lives on the teacher's device and holds
-    `buffer_tokens` tokens (x and y in the teacher's compute dtype: buffer_tokens x L x d
-    x 8 bytes in float32, half that in bf16).
-
-    Args:
-        capture: images [N, 3, H, W] -> object with x, y [N, T, L, d] (`Teacher.capture`).
-        images: Image dataset yielding (image tensor, label) with the teacher's transform.
-        tokens_per_image: T of the teacher.
-        device: Where the teacher runs.
-        batch_size: Tokens per batch.
-        token_filter: A token group: "all", "cls", "registers" or "patches".
-        image_batch: Images per teacher forward.
-        buffer_tokens: Shuffle buffer capacity in tokens (raised to fit one image batch
-            plus one token batch).
-        seed: Run seed.
-        shuffle: Shuffle images and tokens (training) or keep the stored order (validation).
-        world_size: DDP processes.
-        rank: This process's rank.
-        num_workers: Image-decoding workers.
-        skip_bad_images: Skip unreadable images instead of raising.
-        drop_last: Drop the last partial batch.
-        max_batches: Optional cap on batches per epoch.
-        token_layout: The teacher's token layout (default: [CLS] + patches).
-    """
-
-    def __init__(
-        self,
-        capture: Callable[[Tensor], Any],
-        images: Dataset,
-        tokens_per_image: int,
-        device: torch.device | str,
-        batch_size: int,
-        token_filter: TokenFilter = "all",
-        image_batch: int = 64,
-        buffer_tokens: int = 32768,
-        seed: int = 0,
-        shuffle: bool = True,
-        world_size: int = 1,
-        rank: int = 0,
-        num_workers: int = 0,
-        skip_bad_images: bool = False,
-        drop_last: bool = True,
-        max_batches: int | None = None,
-        token_layout: TokenLayout | None = None,
-    ) -> None:
-        super().__init__()
-        self.capture, self.images, self.device = capture, images, torch.device(device)
-        self.tokens_per_image = tokens_per_image
-        self.token_layout = token_layout or layout_of(tokens_per_image)
-        self.rows_per_image = filtered_tokens_per_image(
-            tokens_per_image, token_filter, self.token_layout
-        )
-        self.batch_size, self.token_filter = batch_size, token_filter
-        self.image_batch, self.buffer_tokens = image_batch, buffer_tokens
-        self.seed, self.shuffle = seed, shuffle
-        self.world_size, self.rank, self.num_workers = world_size, rank, num_workers
-        self.skip_bad_images = skip_bad_images
-        self.drop_last, self.max_batches = drop_last, max_batches
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose image order and shuffle the next iteration uses."""
-        self.epoch = epoch
-
-    def quota(self) -> int:
-        """Batches per epoch, equal on every rank."""
-        n = len(self.images)
-        tokens = [
-            [len(range(r, n, self.world_size)) * self.rows_per_image]
-            for r in range(self.world_size)
-        ]
-        return batch_quotas(tokens, self.batch_size, self.drop_last, self.max_batches)[self.rank][0]
-
-    def __len__(self) -> int:
-        return self.quota()
-
-    def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        ids = assign_images(
-            len(self.images), self.seed, self.epoch, self.world_size, self.rank, self.shuffle
-        )
-        chunks = self.rows_of_every_image(ids)
-        if self.shuffle:
-            max_rows = self.image_batch * self.rows_per_image
-            capacity = max(self.buffer_tokens, max_rows + self.batch_size)
-            generator = torch.Generator().manual_seed(stream_seed(self.seed, self.epoch, self.rank))
-            batches = shuffled_batches(
-                chunks, self.batch_size, capacity, max_rows, generator, self.drop_last
-            )
-        else:
-            batches = ordered_batches(chunks, self.batch_size, self.drop_last)
-        yield from _take_quota(batches, self.quota(), f"online stream rank {self.rank}")
-
-    def rows_of_every_image(self, ids: Sequence[int]) -> Iterator[Rows]:
-        """`image_rows(ids)`, then as many readable images again as were unreadable.
-
-        The rank's batch count (`quota`) is fixed from the number of its images before any
-        is decoded; an unreadable image skipped under `skip_bad_images` would leave the
-        rank short of batches while the others wait for it in the gradient all-reduce
-        (a hang on NCCL). Each skipped image is therefore replaced by the next readable one
-        of `ids`, from the start, cyclically: the rank yields the tokens of exactly
-        len(ids) images, some twice in that epoch (logged).
-
-        Raises:
-            UnreadableImageError: None of `ids` is readable (nothing could replace them).
-        """
-        readable = 0
-        for rows in self.image_rows(ids):
-            readable += len(rows["token"]) // self.rows_per_image
-            yield rows
-        missing = len(ids) - readable
-        if missing <= 0:
-            return
-        log.warning(
-            "rank %d: %d of %d images were unreadable; training on %d of its readable images "
-            "twice this epoch so that every rank yields the same number of batches",
-            self.rank, missing, len(ids), missing,
-        )  # fmt: skip
-        if readable == 0:
-            raise UnreadableImageError(
-                f"none of the {len(ids)} images of rank {self.rank} is readable "
-                "(data.on_bad_image=skip): check the dataset folder"
-            )
-        while missing > 0:  # ends: at least one image of ids is readable
-            for rows in self.image_rows(ids):
-                take = min(missing * self.rows_per_image, len(rows["token"]))
-                yield {key: value[:take] for key, value in rows.items()}
-                missing -= take // self.rows_per_image
-                if missing <= 0:
-                    return
-
-    def image_rows(
-        self, ids: Sequence[int], token_filter: TokenFilter | None = None
-    ) -> Iterator[Rows]:
-        """Run the images `ids` (in order) through the teacher; yield token rows per batch."""
-        loader = DataLoader(
-            _IndexedImages(self.images, self.skip_bad_images),
-            batch_size=self.image_batch,
-            sampler=list(ids),
-            num_workers=self.num_workers,
-            collate_fn=_collate_images,
-        )
-        for item in loader:
-            if item is None:
-                continue
-            pixels, image_ids = item
-            with torch.no_grad():
-                captured = self.capture(pixels.to(self.device))
-            if not (torch.isfinite(captured.x).all() and torch.isfinite(captured.y).all()):
-                raise CacheError(
-                    f"the teacher's activations are not finite (NaN/Inf) for images "
-                    f"{image_ids.tolist()}; check teacher.weights and teacher.precision"
-                )
-            n, n_tokens = captured.x.shape[:2]
-            token_index = torch.arange(n_tokens, device=self.device).expand(n, n_tokens)
-            shard = {
-                "x": captured.x,
-                "y": captured.y,
-                "token_index": token_index,
-                "image_id": image_ids.to(self.device),
-            }
-            yield shard_token_rows(shard, token_filter or self.token_filter, self.token_layout)

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, SequentialSampler
 from tqdm import tqdm
 
-from clt_lightning.data.datasets import open_image
+from clt_lightning.data.image_datasets import open_image
 from clt_lightning.errors import (
     CLTError,
     ConfigError,

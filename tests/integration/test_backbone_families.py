@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from clt_lightning.data.cache import open_cache
+from clt_lightning.data.cache_reader import open_cache
 from clt_lightning.teacher import Teacher, TeacherConfig
 from tests.integration.tiny_run import quiet_cli, write_config
 from tests.tiny_backbones import write_siglip_config, write_timm_kwargs

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clt_lightning.data.cache import open_cache
+from clt_lightning.data.cache_reader import open_cache
 from clt_lightning.data.streams import shard_token_rows
 from clt_lightning.models.clt import CrossLayerTranscoder
 from tests.integration.tiny_run import quiet_cli, write_config

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from clt_lightning.data.cache import open_cache
 from clt_lightning.data.cache_manifest import stats_digest
+from clt_lightning.data.cache_reader import open_cache
 from clt_lightning.errors import CacheError
 from tests.integration.tiny_run import kill, quiet_cli, spawn_clt, wait_for, write_config
 

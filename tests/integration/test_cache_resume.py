@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from clt_lightning.data.cache import open_cache, write_cache
+from clt_lightning.data.cache_reader import open_cache
+from clt_lightning.data.cache_writer import write_cache
 from tests.unit.test_cache import WRITE_OPTIONS, FakeDataset, FakeTeacher, cache_files
 
 REPO = Path(__file__).resolve().parents[2]

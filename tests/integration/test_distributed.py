@@ -20,9 +20,9 @@ import pytest
 import torch
 from torch.utils.data import IterableDataset
 
-from clt_lightning.data.cache import open_cache
-from clt_lightning.data.datamodule import EpochDataLoader
-from clt_lightning.data.streams import CachedTokenStream
+from clt_lightning.data.cache_reader import open_cache
+from clt_lightning.data.cached_stream import CachedTokenStream
+from clt_lightning.data.loaders import EpochDataLoader
 from tests.integration.tiny_run import (
     BATCH,
     N_IMAGES,

@@ -337,7 +337,7 @@ def test_sigkill_clt_cache_then_resume(tiny_cache, tmp_path):
     code, err = quiet_cli(["fit", "--config", str(config)])
     assert code == 2 and "incomplete" in err and "clt cache" in err
     with pytest.raises(CacheError, match="incomplete"):
-        from clt_lightning.data.cache import open_cache
+        from clt_lightning.data.cache_reader import open_cache
 
         open_cache(cache_dir / "train")
     code, err = quiet_cli(["cache", "--config", str(config)])

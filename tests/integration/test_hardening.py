@@ -27,7 +27,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from clt_lightning.data.cache import open_cache
+from clt_lightning.data.cache_reader import open_cache
 from clt_lightning.errors import CLTError, CorruptShardError
 from tests.integration.tiny_run import (
     REPO,

@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from clt_lightning.cli import main
-from clt_lightning.data.cache import open_cache
+from clt_lightning.data.cache_reader import open_cache
 from clt_lightning.models.clt import CrossLayerTranscoder
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"

@@ -333,14 +333,14 @@ def _pause_after_manifest(n_shards: int) -> None:
     """`clt cache`: block once a committed manifest lists `n_shards` shards of `train`."""
     import clt_lightning.data.cache_format as cache
 
-    real = cache._write_manifest
+    real = cache.write_manifest
 
     def write_manifest(out_dir: Path, manifest: dict) -> None:
         real(out_dir, manifest)
         if Path(out_dir).name == "train" and len(manifest["shards"]) >= n_shards:
             _block()
 
-    cache._write_manifest = write_manifest
+    cache.write_manifest = write_manifest
 
 
 def _pause_after_atomic_writes(module: str, n_writes: int) -> None:

@@ -1,4 +1,4 @@
-"""Tests for the activation cache (`clt_lightning.data.cache`).
+"""Tests for the activation cache (`clt_lightning.data.cache_*`).
 
 The fakes below are shared with `tests/integration/test_cache_resume.py`. The fake teacher
 computes its activations with exact float32 arithmetic (small integers times multiples of
@@ -28,14 +28,10 @@ from safetensors import safe_open
 from torch import Tensor
 
 from clt_lightning.data import cache_format
-from clt_lightning.data.cache import (
-    Moments,
-    open_cache,
-    parse_safetensors,
-    safetensors_header,
-    verify_cache,
-    write_cache,
-)
+from clt_lightning.data.cache_format import parse_safetensors, safetensors_header
+from clt_lightning.data.cache_reader import open_cache, verify_cache
+from clt_lightning.data.cache_stats import Moments
+from clt_lightning.data.cache_writer import write_cache
 from clt_lightning.errors import (
     CacheError,
     ConfigError,
@@ -238,7 +234,7 @@ def test_streaming_writer_matches_the_library_byte_for_byte(tmp_path: Path) -> N
         "e": torch.zeros(0, 4, dtype=torch.float32),
     }
     metadata = {"format": "clt-activation-shard"}  # one key: the library's order is then fixed
-    cache_format._write_safetensors(tmp_path / "a.safetensors", tensors, metadata)
+    cache_format.write_safetensors(tmp_path / "a.safetensors", tensors, metadata)
     assert (tmp_path / "a.safetensors").read_bytes() == safetensors.torch.save(tensors, metadata)
     header = safetensors_header(tensors, metadata)
     assert len(header) % 8 == 0

@@ -12,8 +12,9 @@ import pytest
 import torch
 from jsonargparse import ArgumentParser
 
-from clt_lightning.data.datamodule import ActivationDataModule, bench_datamodule
+from clt_lightning.data.datamodule import ActivationDataModule
 from clt_lightning.data.datasets import DatasetConfig
+from clt_lightning.data.loaders import bench_datamodule
 from clt_lightning.errors import CacheError, ConfigError
 
 N_IMAGES, TOKENS, N_LAYERS, D_MODEL = 12, 17, 3, 32  # 12 digits x 17 tokens = 204 = 12 x 17

@@ -13,15 +13,9 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from clt_lightning.data.datasets import (
-    DatasetConfig,
-    build_dataset,
-    coco_single_labels,
-    digits_split,
-    imagenet100_classes,
-    list_datasets,
-    subset_indices,
-)
+from clt_lightning.data.dataset_readers import coco_single_labels, digits_split, imagenet100_classes
+from clt_lightning.data.datasets import DatasetConfig, build_dataset, list_datasets
+from clt_lightning.data.image_datasets import subset_indices
 from clt_lightning.errors import ConfigError, DataNotFoundError, UnreadableImageError
 
 

@@ -17,8 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-from clt_lightning.data.cache import open_cache, write_cache
-from clt_lightning.data.datasets import DatasetConfig, build_dataset, open_image
+from clt_lightning.data.cache_reader import open_cache
+from clt_lightning.data.cache_writer import write_cache
+from clt_lightning.data.datasets import DatasetConfig, build_dataset
+from clt_lightning.data.image_datasets import open_image
 from clt_lightning.data.image_modes import SUPPORTED_MODES, to_rgb
 from clt_lightning.errors import UnreadableImageError
 

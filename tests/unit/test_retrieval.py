@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clt_lightning.data.datasets import ArrayImageDataset
+from clt_lightning.data.image_datasets import ArrayImageDataset
 from clt_lightning.errors import CacheError, CheckpointMismatchError, ConfigError
 from clt_lightning.evaluation import retrieval as R
 from clt_lightning.evaluation.retrieval_plot import retrieval_grid

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
+from clt_lightning.data.cached_stream import CachedTokenStream
 from clt_lightning.data.streams import (
-    CachedTokenStream,
     TokenBuffer,
     assign_images,
     assign_shards,
@@ -351,7 +351,7 @@ def _capture(images: torch.Tensor):
 def test_online_ranks_yield_their_length_whatever_images_are_skipped(num_workers, shuffle, bad):
     """2 ranks, 8 images, some unreadable, batches of about one image: each rank yields
     exactly len(stream) batches, full ones in training (rank 1 used to yield 3 of 4)."""
-    from clt_lightning.data.streams import OnlineTokenStream
+    from clt_lightning.data.online_stream import OnlineTokenStream
 
     counts = []
     for rank in range(2):
@@ -373,7 +373,7 @@ def test_online_ranks_yield_their_length_whatever_images_are_skipped(num_workers
 
 
 def test_online_rank_without_readable_images_says_so():
-    from clt_lightning.data.streams import OnlineTokenStream
+    from clt_lightning.data.online_stream import OnlineTokenStream
     from clt_lightning.errors import UnreadableImageError
 
     stream = OnlineTokenStream(_capture, _Images(n=4, bad=(1, 3)), TOKENS, "cpu",

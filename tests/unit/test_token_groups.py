@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clt_lightning.data.cache import write_cache
+from clt_lightning.data.cache_writer import write_cache
 from clt_lightning.errors import ConfigError
 from clt_lightning.evaluation.contributions import contribution_scores, token_projection_scores
 from clt_lightning.evaluation.replacement import run_replaced, token_positions
