@@ -29,8 +29,8 @@ from matplotlib.image import AxesImage
 from mpl_toolkits.axes_grid1 import make_axes_locatable
 
 from clt_lightning.errors import ConfigError
-from clt_lightning.evaluation._io import atomic_write_bytes
 from clt_lightning.evaluation.undefined import Undefined
+from clt_lightning.files import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 

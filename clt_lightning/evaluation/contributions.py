@@ -39,13 +39,10 @@ from tqdm import tqdm
 
 from clt_lightning.errors import ConfigError
 from clt_lightning.evaluation.replacement import check_compatible, clt_dtype
+from clt_lightning.evaluation.token_modes import GROUP_ORDER
 from clt_lightning.tokens import CLIP_LAYOUT, TokenLayout, layout_of
 
 logger = logging.getLogger(__name__)
-
-TOKEN_GROUPS: tuple[str, ...] = ("cls", "registers", "patches", "all")
-"""Token groups scored, those the model has (`clt_lightning.tokens`): [CLS], registers,
-patch tokens, all tokens."""
 
 
 @dataclass
@@ -152,7 +149,7 @@ class ContributionAccumulator:
 
     def __post_init__(self) -> None:
         if self.groups is None:
-            self.groups = tuple(g for g in TOKEN_GROUPS if g in self.layout.groups)
+            self.groups = tuple(g for g in GROUP_ORDER if g in self.layout.groups)
         for group in self.groups:
             self.layout.check(group, "contribution token group")
         shape = (0, self.n_layers + 1, self.n_layers)

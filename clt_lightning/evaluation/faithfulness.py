@@ -458,7 +458,7 @@ def faithfulness_from_cascade(
 
 
 def faithfulness_table(reports: Mapping[str, FaithfulnessReport]) -> list[dict[str, Any]]:
-    """Table 5 rows from labelled reports (write with `_io.write_markdown`/`write_csv`)."""
+    """Table 5 rows from labelled reports (write with `tables.write_markdown`/`write_csv`)."""
     return [report.row(label) for label, report in reports.items()]
 
 

@@ -34,22 +34,21 @@ from tqdm.auto import tqdm
 from clt_lightning.errors import ConfigError
 from clt_lightning.evaluation import (
     ablations,
+    cascade,
     clean_pass,
     contributions,
     faithfulness,
-    replacement,
     zeroshot,
 )
-from clt_lightning.evaluation._io import write_csv, write_markdown
 from clt_lightning.evaluation.linear_probe import build_probe
+from clt_lightning.evaluation.replacement import check_compatible
+from clt_lightning.evaluation.tables import write_csv, write_markdown
+from clt_lightning.evaluation.token_modes import GROUP_ORDER
 from clt_lightning.evaluation.undefined import nan_to_undefined, write_json
 from clt_lightning.files import check_replaceable, commit_folder
 from clt_lightning.tokens import TOKEN_GROUPS, layout_of
 
 log = logging.getLogger(__name__)
-
-TOKEN_MODES = ("cls", "registers", "patches", "all")
-"""Token groups in the order the evaluation reports them (`clt_lightning.tokens`)."""
 
 
 @dataclass
@@ -140,7 +139,7 @@ def reconstruction_metrics(teacher: Any, clt: Any, loader: DataLoader) -> dict[s
     return metrics.payload()
 
 
-def _cascade_payload(result: replacement.CascadeResult) -> dict[str, Any]:
+def _cascade_payload(result: cascade.CascadeResult) -> dict[str, Any]:
     return {
         "n_layers": result.n_layers,
         "n_images": result.n_images,
@@ -280,7 +279,7 @@ def run_suite(
     Returns:
         The JSON payloads by file stem ("cascade", "faithfulness", ...).
     """
-    replacement.check_compatible(teacher, clt)
+    check_compatible(teacher, clt)
     if not class_names:
         raise ConfigError(
             f"dataset {info.dataset!r} has no class names: cannot build a zero-shot head"
@@ -293,7 +292,7 @@ def run_suite(
     head = _accuracy_head(teacher, class_names, info, config, train_dataset)
     layout = layout_of(teacher)
     modes = [layout.check(m, "evaluation.modes") for m in config.modes or []]
-    modes = modes or [m for m in TOKEN_MODES if m in layout.groups]
+    modes = modes or [m for m in GROUP_ORDER if m in layout.groups]
     log.info("evaluating %s on %d images: one clean teacher pass", info.run_name, len(images))
     payloads, result, reports, scores = _clean_pass_payloads(
         teacher, clt, loader, head, config, modes
@@ -377,15 +376,15 @@ def _clean_pass_payloads(
     n_layers = clt.n_layers
     layout = layout_of(teacher)
     windows = default_windows(n_layers, config.faithfulness_starts, modes)
-    cascade = replacement.CascadeAccumulator(
+    accuracy = cascade.CascadeAccumulator(
         teacher, clt, head.classifier, head.scale, config.starts, modes, keep=windows
     )
     contribution = contributions.ContributionAccumulator(n_layers, layout=layout)
     reconstruction = clean_pass.ReconstructionAccumulator(n_layers, clt.d_model, layout)
     clean_pass.shared_clean_pass(
-        teacher, clt, loader, cascade, contribution, reconstruction, progress=True
+        teacher, clt, loader, accuracy, contribution, reconstruction, progress=True
     )
-    result = cascade.compute()
+    result = accuracy.compute()
     reports = {}
     if windows:  # the paper has no all-token rows: modes=["all"] has no default window
         reports = faithfulness.faithfulness_from_cascade(
@@ -425,7 +424,7 @@ def _write_outputs(out: Path, payloads, result, reports, ablation, scores, info,
     """JSON for every payload, Markdown/CSV tables, and the figures."""
     for stem, payload in payloads.items():
         _write_json(out / f"{stem}.json", payload)
-    replacement.write_cascade_tables(result, out)
+    cascade.write_cascade_tables(result, out)
     table5 = faithfulness.faithfulness_table(reports)
     write_markdown(table5, out / "faithfulness.md", digits=3)
     write_csv(table5, out / "faithfulness.csv")
@@ -446,6 +445,6 @@ def _write_figures(out: Path, payloads, result, scores, info: RunInfo) -> None:
         panels, out / "contributions.png", title=f"Contributions C[s, l]: {name}"
     )
     runs = {
-        g: payloads["reconstruction"][g] for g in TOKEN_MODES if g in payloads["reconstruction"]
+        g: payloads["reconstruction"][g] for g in GROUP_ORDER if g in payloads["reconstruction"]
     }
     plots.reconstruction_curves(runs, out / "reconstruction.png", title=f"Reconstruction: {name}")

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from clt_lightning.errors import ConfigError
-from clt_lightning.evaluation.replacement import CascadeResult
+from clt_lightning.evaluation.cascade import CascadeResult
 from clt_lightning.plots import (
     BIAS_AXES_LABEL,
     HEATMAP_AXES_LABEL,
