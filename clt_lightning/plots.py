@@ -164,23 +164,6 @@ def contribution_heatmaps(
     return save_figure(fig, path)
 
 
-def contribution_heatmap(
-    scores: Any, title: str, path: str | Path | None = None, show_bias: bool = True
-) -> Figure:
-    """One contribution heatmap (rows = source s, columns = target l, RdBu -1..1).
-
-    Args:
-        scores: [L, L] or [L + 1, L] (row L = bias, drawn as a separate strip).
-        title: Axes title.
-        path: PNG to write, or None.
-        show_bias: Draw the bias row when present.
-
-    Returns:
-        The figure.
-    """
-    return contribution_heatmaps({title: scores}, path, None, show_bias)
-
-
 def reconstruction_curves(
     runs: Mapping[str, Mapping[str, Any]], path: str | Path | None = None, title: str = ""
 ) -> Figure:

@@ -311,29 +311,3 @@ def contribution_scores(
     for batch in tqdm(images_batches, desc="contributions", disable=not progress):
         acc.update_images(clt, teacher.capture(_split_images(batch)).x)
     return acc.compute()
-
-
-@torch.no_grad()
-def contribution_scores_from_tokens(
-    clt: Any,
-    token_batches: Iterable[Mapping[str, Tensor]],
-    groups: tuple[str, ...] | None = None,
-    keep_per_image: bool = False,
-    layout: TokenLayout = CLIP_LAYOUT,
-) -> ContributionScores:
-    """C[s, l] from token batches of docs/architecture.md ({"x", "token", "image"}).
-
-    Args:
-        clt: The CLT.
-        token_batches: Token batches, e.g. a validation dataloader over the cache.
-        groups: Token groups to score (default: every group the layout has).
-        keep_per_image: Keep per-image values.
-        layout: Token layout of the teacher the tokens came from.
-
-    Returns:
-        The `ContributionScores`.
-    """
-    acc = ContributionAccumulator(clt.n_layers, groups, keep_per_image, layout=layout)
-    for batch in token_batches:
-        acc.update(clt, batch["x"], batch["token"], batch["image"])
-    return acc.compute()
