@@ -463,14 +463,8 @@ def faithfulness_table(reports: Mapping[str, FaithfulnessReport]) -> list[dict[s
 
 
 TABLE5_WINDOWS: tuple[tuple[int, str], ...] = (
-    (0, "cls"),
-    (7, "cls"),
-    (10, "cls"),
-    (11, "cls"),
-    (0, "patches"),
-    (7, "patches"),
-    (10, "patches"),
-)
+    (0, "cls"), (7, "cls"), (10, "cls"), (11, "cls"), (0, "patches"), (7, "patches"), (10, "patches"),
+)  # fmt: skip
 """The windows of the paper's Table 5 (for a 12-layer ViT); `table5_windows` maps them to
 other depths."""
 

@@ -334,6 +334,13 @@ def _open_query(
     )
 
 
+def _check_request(aggregation: str, similarity: str, k: int) -> None:
+    check_choice("aggregation", aggregation, AGGREGATIONS)
+    check_choice("similarity", similarity, SIMILARITIES)
+    if k < 1:
+        raise ConfigError(f"k={k} is not valid; ask for at least 1 neighbour")
+
+
 def _open_or_build(
     teacher: nn.Module,
     clt: nn.Module,
@@ -416,10 +423,7 @@ def build_and_query(
     Returns:
         `RetrievalResult` with the paths written and the neighbours.
     """
-    check_choice("aggregation", aggregation, AGGREGATIONS)
-    check_choice("similarity", similarity, SIMILARITIES)
-    if k < 1:
-        raise ConfigError(f"k={k} is not valid; ask for at least 1 neighbour")
+    _check_request(aggregation, similarity, k)
     query = _open_query(teacher, query_path, query_index, query_dataset)  # fail before building
     build = {"aggregation": aggregation, "similarity": similarity, "index_type": index_type,
              "memory_budget_bytes": memory_budget_bytes, "layers": layers,
@@ -427,10 +431,8 @@ def build_and_query(
              "progress": progress}  # fmt: skip
     index, rebuilt = _open_or_build(teacher, clt, corpus, Path(index_dir), rebuild, build)
     neighbours = query_image(index, teacher, clt, query.tensor, k)
-    grid_path, json_path = _write_report(
-        neighbours, corpus, query, index, Path(index_dir), Path(output_dir)
-    )
-    return RetrievalResult(Path(index_dir), grid_path, json_path, neighbours, rebuilt)
+    paths = _write_report(neighbours, corpus, query, index, Path(index_dir), Path(output_dir))
+    return RetrievalResult(Path(index_dir), *paths, neighbours, rebuilt)
 
 
 def _write_report(

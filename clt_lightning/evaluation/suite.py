@@ -156,26 +156,19 @@ def _faithfulness_rows(
     """Table 5 rows in the run-folder schema (ΔAcc in points, agreements in %)."""
     rows = []
     for (start, mode), report in zip(windows, reports.values(), strict=True):
-        rows.append(
-            {
-                "window": f"{start}-{n_layers - 1}",
-                "start": start,
-                "mode": mode,
-                "delta_acc": 100 * report.delta_accuracy,
-                "flip_rate": report.flip_rate,
-                "kl": report.kl,
-                "top1_agreement": 100 * report.top1_agreement,
-                "top5_agreement": 100 * report.top5_agreement,
-                "cosine": report.cosine,
-                "cka": report.cka,
-                "spearman": report.spearman,
-                "spearman_logits": report.spearman_logits,
-                "prompt_r": report.prompt_r,
-                "prompt_kl": report.prompt_kl,
-                "n_images": report.n_images,
-            }
-        )
+        row = {"window": f"{start}-{n_layers - 1}", "start": start, "mode": mode}
+        row["delta_acc"] = 100 * report.delta_accuracy
+        for name in _FAITHFULNESS_FIELDS:
+            value = getattr(report, name)
+            row[name] = 100 * value if name in _PERCENT_FIELDS else value
+        rows.append(row)
     return rows
+
+
+_FAITHFULNESS_FIELDS = ("flip_rate", "kl", "top1_agreement", "top5_agreement", "cosine", "cka",
+                        "spearman", "spearman_logits", "prompt_r", "prompt_kl", "n_images")  # fmt: skip
+"""`FaithfulnessReport` fields of a run-folder row after its ΔAcc, in order."""
+_PERCENT_FIELDS = ("top1_agreement", "top5_agreement")
 
 
 @dataclass
@@ -290,32 +283,17 @@ def run_suite(
     images = evaluation_images(dataset, config.n_images, config.seed)
     loader = DataLoader(images, batch_size=config.batch_size, num_workers=config.num_workers)
     head = _accuracy_head(teacher, class_names, info, config, train_dataset)
-    layout = layout_of(teacher)
-    modes = [layout.check(m, "evaluation.modes") for m in config.modes or []]
-    modes = modes or [m for m in GROUP_ORDER if m in layout.groups]
+    modes = _evaluated_modes(teacher, config)
     log.info("evaluating %s on %d images: one clean teacher pass", info.run_name, len(images))
     payloads, result, reports, scores = _clean_pass_payloads(
         teacher, clt, loader, head, config, modes
     )
     log.info("necessity / sufficiency ablations (second teacher pass)")
-    ablation = ablations.ablate(
-        teacher,
-        clt,
-        loader,
-        head.classifier,
-        head.scale,
-        scores,
-        modes=modes,
-        k=config.ablation_k,
-        progress=True,
-    )
+    ablation = ablations.ablate(teacher, clt, loader, head.classifier, head.scale, scores,
+                                modes=modes, k=config.ablation_k, progress=True)  # fmt: skip
     payloads["ablations"] = _ablation_payload(ablation, scores, clt.n_layers)
-    run = {
-        **asdict(info),
-        "sparsifier": clt.sparsifier.name,
-        "n_images": len(images),
-        "n_layers": clt.n_layers,
-    }
+    run = {**asdict(info), "sparsifier": clt.sparsifier.name, "n_images": len(images),
+           "n_layers": clt.n_layers}  # fmt: skip
     with commit_folder(
         out, evaluation_owned, EVALUATION_WHAT, keep=evaluation_subfolder
     ) as staging:
@@ -323,6 +301,14 @@ def run_suite(
         _write_json(staging / "run.json", run)
     payloads["run"] = run
     return payloads
+
+
+def _evaluated_modes(teacher: Any, config: EvaluationConfig) -> list[str]:
+    """`config.modes` (checked against the teacher's token groups), else every group the
+    teacher has, in `GROUP_ORDER`."""
+    layout = layout_of(teacher)
+    modes = [layout.check(m, "evaluation.modes") for m in config.modes or []]
+    return modes or [m for m in GROUP_ORDER if m in layout.groups]
 
 
 EVALUATION_WHAT = "evaluation results"
