@@ -116,11 +116,6 @@ def evaluation_images(dataset: Dataset, n_images: int | None, seed: int) -> Data
     return Subset(dataset, sorted(order[:n_images].tolist()))
 
 
-def _write_json(path: Path, payload: Any) -> None:
-    """JSON with undefined values as null + reason; NaN is refused (`undefined.write_json`)."""
-    write_json(path, payload)
-
-
 CONTRIBUTION_UNDEFINED = "no image of this token group has a nonzero reconstruction of the target"
 
 
@@ -298,7 +293,7 @@ def run_suite(
         out, evaluation_owned, EVALUATION_WHAT, keep=evaluation_subfolder
     ) as staging:
         _write_outputs(staging, payloads, result, reports, ablation, scores, info, config)
-        _write_json(staging / "run.json", run)
+        write_json(staging / "run.json", run)
     payloads["run"] = run
     return payloads
 
@@ -409,7 +404,7 @@ def _ablation_payload(ablation: Any, scores: Any, n_layers: int) -> dict[str, An
 def _write_outputs(out: Path, payloads, result, reports, ablation, scores, info, config) -> None:
     """JSON for every payload, Markdown/CSV tables, and the figures."""
     for stem, payload in payloads.items():
-        _write_json(out / f"{stem}.json", payload)
+        write_json(out / f"{stem}.json", payload)
     cascade.write_cascade_tables(result, out)
     table5 = faithfulness.faithfulness_table(reports)
     write_markdown(table5, out / "faithfulness.md", digits=3)
