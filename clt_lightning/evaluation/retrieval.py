@@ -44,6 +44,7 @@ from clt_lightning.errors import ConfigError, DataNotFoundError, UnreadableImage
 from clt_lightning.evaluation.retrieval_descriptors import (
     AGGREGATIONS,
     DESCRIPTOR_DTYPES,
+    SIMILARITIES,
     DescriptorFiles,
     check_choice,
     clt_fingerprint,
@@ -55,7 +56,6 @@ from clt_lightning.evaluation.retrieval_descriptors import (
 )
 from clt_lightning.evaluation.retrieval_index import (
     DEFAULT_MEMORY_BUDGET_BYTES,
-    SIMILARITIES,
     IndexPlan,
     new_index,
     plan_index,
