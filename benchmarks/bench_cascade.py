@@ -37,7 +37,9 @@ from pathlib import Path
 
 import torch
 
-from clt_lightning.evaluation.replacement import TOKEN_MODES, cascade, run_replaced
+from clt_lightning.evaluation.cascade import cascade
+from clt_lightning.evaluation.replacement import run_replaced
+from clt_lightning.evaluation.token_modes import DEFAULT_MODES
 from clt_lightning.evaluation.zeroshot import zero_shot_logits
 from clt_lightning.models.clt import CrossLayerTranscoder
 from clt_lightning.models.sparsifiers import SparsifierConfig
@@ -83,7 +85,7 @@ def bench_clt(teacher: Teacher, k: int) -> CrossLayerTranscoder:
 def _naive(teacher, clt, images, labels, classifier, scale) -> dict:
     counts = {}
     k = min(5, classifier.shape[1])
-    for mode in TOKEN_MODES:
+    for mode in DEFAULT_MODES:
         for start in range(teacher.n_layers):
             emb = run_replaced(teacher, clt, images, start, None, mode)
             top = zero_shot_logits(emb, classifier, scale).topk(k, dim=-1).indices

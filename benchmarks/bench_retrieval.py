@@ -30,7 +30,7 @@ from collections.abc import Iterator
 import faiss
 import numpy as np
 
-from clt_lightning.evaluation.retrieval import (
+from clt_lightning.evaluation.retrieval_index import (
     TRAIN_SAMPLE_BYTES,
     IndexPlan,
     choose_index_type,

@@ -37,13 +37,13 @@ import numpy as np
 import torch
 
 from benchmarks.bench_cascade import FULL, N_CLASSES, QUICK, bench_clt, bench_teacher, best_of
-from clt_lightning.evaluation import ablations, clean_pass, contributions, replacement, suite
+from clt_lightning.evaluation import ablations, cascade, clean_pass, contributions, suite
 
 BATCH = 8
 
 
 def _four_passes(teacher, clt, batches, classifier, scale) -> dict:
-    result = replacement.cascade(teacher, clt, batches, classifier, scale)
+    result = cascade.cascade(teacher, clt, batches, classifier, scale)
     scores = contributions.contribution_scores(teacher, clt, batches)
     ablation = ablations.ablate(teacher, clt, batches, classifier, scale, scores)
     recon = suite.reconstruction_metrics(teacher, clt, batches)
@@ -51,13 +51,13 @@ def _four_passes(teacher, clt, batches, classifier, scale) -> dict:
 
 
 def _shared_pass(teacher, clt, batches, classifier, scale) -> dict:
-    cascade = replacement.CascadeAccumulator(teacher, clt, classifier, scale)
+    accuracy = cascade.CascadeAccumulator(teacher, clt, classifier, scale)
     contribution = contributions.ContributionAccumulator(clt.n_layers)
     recon = clean_pass.ReconstructionAccumulator(clt.n_layers, clt.d_model)
-    clean_pass.shared_clean_pass(teacher, clt, batches, cascade, contribution, recon)
+    clean_pass.shared_clean_pass(teacher, clt, batches, accuracy, contribution, recon)
     scores = contribution.compute()
     ablation = ablations.ablate(teacher, clt, batches, classifier, scale, scores)
-    return _numbers(cascade.compute(), scores, ablation, recon.payload())
+    return _numbers(accuracy.compute(), scores, ablation, recon.payload())
 
 
 def _numbers(result, scores, ablation, recon) -> dict:

@@ -387,3 +387,40 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1000
     raise AssertionError("unreachable")
+
+
+def atomic_write_via_path(
+    path: Path, write: Callable[[Path], None], *, disk_full: str, temp: Path | None = None
+) -> Path:
+    """Atomic write for a writer that only takes a file name (FAISS ``write_index``, a
+    numpy memmap): ``write(temp)`` fills the temp file, then fsync, `os.replace`, and the
+    folder is fsynced.
+
+    Args:
+        path: Final file path.
+        write: Writes (or finishes writing) the whole content of the file it is given.
+        disk_full: Completes "no space left on the device while writing ..." when the device
+            fills up (name the file and say what is still intact).
+        temp: The temp file name, in `path`'s folder (default: `temp_path(path)`).
+
+    Returns:
+        `path`.
+
+    Raises:
+        DiskSpaceError: The device ran out of space (the temp file is removed, `path` intact).
+    """
+    temp = temp_path(path) if temp is None else temp
+    try:
+        write(temp)
+        with open(temp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException as error:
+        temp.unlink(missing_ok=True)
+        if is_disk_full(error):
+            raise DiskSpaceError(
+                f"no space left on the device while writing {disk_full}"
+            ) from error
+        raise
+    fsync_dir(path.parent)
+    return path

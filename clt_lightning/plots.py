@@ -29,8 +29,8 @@ from matplotlib.image import AxesImage
 from mpl_toolkits.axes_grid1 import make_axes_locatable
 
 from clt_lightning.errors import ConfigError
-from clt_lightning.evaluation._io import atomic_write_bytes
 from clt_lightning.evaluation.undefined import Undefined
+from clt_lightning.files import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -162,23 +162,6 @@ def contribution_heatmaps(
     if title:
         fig.suptitle(title)
     return save_figure(fig, path)
-
-
-def contribution_heatmap(
-    scores: Any, title: str, path: str | Path | None = None, show_bias: bool = True
-) -> Figure:
-    """One contribution heatmap (rows = source s, columns = target l, RdBu -1..1).
-
-    Args:
-        scores: [L, L] or [L + 1, L] (row L = bias, drawn as a separate strip).
-        title: Axes title.
-        path: PNG to write, or None.
-        show_bias: Draw the bias row when present.
-
-    Returns:
-        The figure.
-    """
-    return contribution_heatmaps({title: scores}, path, None, show_bias)
 
 
 def reconstruction_curves(

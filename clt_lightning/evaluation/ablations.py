@@ -27,16 +27,14 @@ from torch import Tensor
 from tqdm import tqdm
 
 from clt_lightning.errors import ConfigError
+from clt_lightning.evaluation.cascade import correct_counts, split_batch
 from clt_lightning.evaluation.contributions import ContributionScores
-from clt_lightning.evaluation.replacement import (
-    TOKEN_MODES,
-    check_compatible,
-    clean_prefix,
-    correct_counts,
+from clt_lightning.evaluation.replacement import check_compatible, clean_prefix
+from clt_lightning.evaluation.token_modes import (
+    DEFAULT_MODES,
     indexer,
+    mode_positions,
     relative_index,
-    split_batch,
-    token_positions,
 )
 from clt_lightning.evaluation.undefined import Undefined
 from clt_lightning.evaluation.zeroshot import zero_shot_logits
@@ -185,7 +183,7 @@ def _ablate_batch(
 ) -> tuple[Tensor, dict[tuple[str, str], Tensor]]:
     images, labels = batch
     layout = layout_of(teacher)
-    positions = {m: token_positions(m, layout) for m in subsets}
+    positions = {m: mode_positions(m, layout) for m in subsets}
     union = torch.unique(torch.cat(list(positions.values())))
     prefix = clean_prefix(teacher, clt, images, union, n_code_layers=target + 1)
     baseline = correct_counts(zero_shot_logits(teacher.head(prefix.h[-1]), *head), labels)
@@ -210,7 +208,7 @@ def ablate(
     classifier: Tensor,
     logit_scale: Tensor | float,
     scores: ContributionScores,
-    modes: Sequence[str] = TOKEN_MODES,
+    modes: Sequence[str] = DEFAULT_MODES,
     k: int = 4,
     target: int | None = None,
     progress: bool = False,

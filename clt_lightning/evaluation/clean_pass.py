@@ -30,8 +30,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from clt_lightning.evaluation.cascade import CascadeAccumulator, split_batch
 from clt_lightning.evaluation.contributions import ContributionAccumulator
-from clt_lightning.evaluation.replacement import CascadeAccumulator, clean_prefix, split_batch
+from clt_lightning.evaluation.replacement import clean_prefix
 from clt_lightning.evaluation.undefined import Undefined
 from clt_lightning.metrics import ReconstructionMetrics
 from clt_lightning.tokens import CLIP_LAYOUT, TokenLayout

@@ -39,13 +39,10 @@ from tqdm import tqdm
 
 from clt_lightning.errors import ConfigError
 from clt_lightning.evaluation.replacement import check_compatible, clt_dtype
+from clt_lightning.evaluation.token_modes import GROUP_ORDER
 from clt_lightning.tokens import CLIP_LAYOUT, TokenLayout, layout_of
 
 logger = logging.getLogger(__name__)
-
-TOKEN_GROUPS: tuple[str, ...] = ("cls", "registers", "patches", "all")
-"""Token groups scored, those the model has (`clt_lightning.tokens`): [CLS], registers,
-patch tokens, all tokens."""
 
 
 @dataclass
@@ -152,7 +149,7 @@ class ContributionAccumulator:
 
     def __post_init__(self) -> None:
         if self.groups is None:
-            self.groups = tuple(g for g in TOKEN_GROUPS if g in self.layout.groups)
+            self.groups = tuple(g for g in GROUP_ORDER if g in self.layout.groups)
         for group in self.groups:
             self.layout.check(group, "contribution token group")
         shape = (0, self.n_layers + 1, self.n_layers)
@@ -313,30 +310,4 @@ def contribution_scores(
     acc = ContributionAccumulator(clt.n_layers, groups, keep_per_image, layout=layout_of(teacher))
     for batch in tqdm(images_batches, desc="contributions", disable=not progress):
         acc.update_images(clt, teacher.capture(_split_images(batch)).x)
-    return acc.compute()
-
-
-@torch.no_grad()
-def contribution_scores_from_tokens(
-    clt: Any,
-    token_batches: Iterable[Mapping[str, Tensor]],
-    groups: tuple[str, ...] | None = None,
-    keep_per_image: bool = False,
-    layout: TokenLayout = CLIP_LAYOUT,
-) -> ContributionScores:
-    """C[s, l] from token batches of docs/architecture.md ({"x", "token", "image"}).
-
-    Args:
-        clt: The CLT.
-        token_batches: Token batches, e.g. a validation dataloader over the cache.
-        groups: Token groups to score (default: every group the layout has).
-        keep_per_image: Keep per-image values.
-        layout: Token layout of the teacher the tokens came from.
-
-    Returns:
-        The `ContributionScores`.
-    """
-    acc = ContributionAccumulator(clt.n_layers, groups, keep_per_image, layout=layout)
-    for batch in token_batches:
-        acc.update(clt, batch["x"], batch["token"], batch["image"])
     return acc.compute()

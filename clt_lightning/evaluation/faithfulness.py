@@ -458,19 +458,13 @@ def faithfulness_from_cascade(
 
 
 def faithfulness_table(reports: Mapping[str, FaithfulnessReport]) -> list[dict[str, Any]]:
-    """Table 5 rows from labelled reports (write with `_io.write_markdown`/`write_csv`)."""
+    """Table 5 rows from labelled reports (write with `tables.write_markdown`/`write_csv`)."""
     return [report.row(label) for label, report in reports.items()]
 
 
 TABLE5_WINDOWS: tuple[tuple[int, str], ...] = (
-    (0, "cls"),
-    (7, "cls"),
-    (10, "cls"),
-    (11, "cls"),
-    (0, "patches"),
-    (7, "patches"),
-    (10, "patches"),
-)
+    (0, "cls"), (7, "cls"), (10, "cls"), (11, "cls"), (0, "patches"), (7, "patches"), (10, "patches"),
+)  # fmt: skip
 """The windows of the paper's Table 5 (for a 12-layer ViT); `table5_windows` maps them to
 other depths."""
 

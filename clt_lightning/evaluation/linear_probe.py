@@ -34,8 +34,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from clt_lightning.errors import ConfigError
-from clt_lightning.evaluation._io import atomic_write_bytes
 from clt_lightning.evaluation.zeroshot import teacher_fingerprint
+from clt_lightning.files import atomic_write_bytes
 from clt_lightning.hashing import json_sha256
 
 logger = logging.getLogger(__name__)

@@ -1,23 +1,23 @@
-"""Layer-wise retrieval on CLT sparse codes (paper supplementary, section 7, Figures 4-5).
+"""Layer-wise retrieval on CLT sparse codes, end to end (paper supplementary, section 7,
+Figures 4-5): `build_index`, `query_image` and `build_and_query` (the `clt retrieve`
+pipeline).
 
-For every corpus image j and layer i the CLT's sparse code z_i (one [F] vector per token) is
-aggregated over tokens into one descriptor, and every layer gets its own FAISS index. A query
-image's descriptors then retrieve its top-K neighbours layer by layer, which shows what the
-codes of each layer "mean" (colour and layout early, class late).
+For every corpus image j and layer i the CLT's sparse code z_i (one [F] vector per token)
+is aggregated over tokens into one descriptor, and every layer gets its own FAISS index. A
+query image's descriptors then retrieve its top-K neighbours layer by layer, which shows
+what the codes of each layer "mean" (colour and layout early, class late).
 
-The work is split by idea; this module runs it end to end and re-exports every public name
-(import from here):
+Each step has its module, imported directly:
 
 - `retrieval_descriptors`: the token-aggregated descriptors, streamed in bounded memory into
-  one ``.npy`` memmap per layer; query images and their `QueryDescriptors`; `clt_fingerprint`.
+  one ``.npy`` memmap per layer; query descriptors (`QueryDescriptors`); `clt_fingerprint`.
 - `retrieval_index`: similarity, index type (``Flat``, ``SQfp16``, ``IVF{nlist},PQ{m}``, see
   `choose_index_type`), the plan within a memory budget, training on a bounded sample, adding
-  chunk by chunk, GPU placement, and one layer's `build_layer_index`.
+  chunk by chunk, GPU placement, and writing each layer's index.
 - `retrieval_search`: the manifest (written last, atomically, so its presence means the
   folder is complete), provenance checks that refuse a query made with another CLT, teacher
   or aggregation, and `RetrievalIndex` (load, verify, search).
-- here: `build_index` (descriptors, then one index per layer, then the manifest),
-  `query_image`, `neighbours_to_json` and `build_and_query` (the `clt retrieve` pipeline).
+- `retrieval_plot`: the grid figure.
 
 Peak memory is one batch, one encode block, one add chunk and one index, never the whole
 corpus of descriptors. The index folder holds ``layer_XX.faiss``,
@@ -34,108 +34,48 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import faiss  # noqa: F401  (tests patch `retrieval.faiss.write_index`)
 import torch
 from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from clt_lightning.errors import (
-    ConfigError,
-)
+from clt_lightning.data.image_datasets import open_image
+from clt_lightning.errors import ConfigError, DataNotFoundError, UnreadableImageError
 from clt_lightning.evaluation.retrieval_descriptors import (
     AGGREGATIONS,
     DESCRIPTOR_DTYPES,
-    ENCODE_BLOCK_BYTES,
+    SIMILARITIES,
     DescriptorFiles,
-    QueryDescriptors,
-    _check_choice,
-    _json_normal,
-    _n_latents,
-    _open_query,
-    _write_json_atomic,
+    check_choice,
     clt_fingerprint,
     compute_descriptors,
     compute_query_descriptors,
     dataset_identity,
-    encode_descriptors,
+    json_normal,
+    n_latents_of,
 )
 from clt_lightning.evaluation.retrieval_index import (
-    ADD_CHUNK_BYTES,
     DEFAULT_MEMORY_BUDGET_BYTES,
-    MAX_PQ_SUBQUANTIZERS,
-    SIMILARITIES,
-    TRAIN_SAMPLE_BYTES,
     IndexPlan,
-    _default_nprobe,  # noqa: F401  (tests use it through this module)
-    _write_index_atomic,  # looked up here, so tests can monkeypatch `retrieval._write_index_atomic`
-    add_in_chunks,
-    build_layer_index,
-    choose_index_type,
-    estimate_index_bytes,
-    gpu_available,
     new_index,
     plan_index,
-    prepare_vectors,
-    to_search_device,
-    train_sample,
+    write_layer_indexes,
 )
+from clt_lightning.evaluation.retrieval_plot import retrieval_grid
 from clt_lightning.evaluation.retrieval_search import (
-    FORMAT_VERSION,
     INDEX_WHAT,
     MANIFEST_NAME,
-    REBUILD_HINT,
     LayerNeighbours,
     RetrievalIndex,
-    _raise_mismatch,
     build_manifest,
     index_folder_owned,
     provenance_problems,
+    raise_on_mismatch,
 )
 from clt_lightning.evaluation.undefined import Undefined, write_json
 from clt_lightning.files import check_replaceable, commit_folder, recover_folder
 
 log = logging.getLogger(__name__)
-
-__all__ = [
-    "FORMAT_VERSION",
-    "MANIFEST_NAME",
-    "AGGREGATIONS",
-    "SIMILARITIES",
-    "DESCRIPTOR_DTYPES",
-    "DEFAULT_MEMORY_BUDGET_BYTES",
-    "MAX_PQ_SUBQUANTIZERS",
-    "ENCODE_BLOCK_BYTES",
-    "ADD_CHUNK_BYTES",
-    "TRAIN_SAMPLE_BYTES",
-    "REBUILD_HINT",
-    "LayerNeighbours",
-    "IndexPlan",
-    "QueryDescriptors",
-    "DescriptorFiles",
-    "RetrievalResult",
-    "RetrievalIndex",
-    "dataset_identity",
-    "clt_fingerprint",
-    "encode_descriptors",
-    "compute_descriptors",
-    "compute_query_descriptors",
-    "choose_index_type",
-    "estimate_index_bytes",
-    "plan_index",
-    "new_index",
-    "prepare_vectors",
-    "gpu_available",
-    "to_search_device",
-    "train_sample",
-    "add_in_chunks",
-    "build_layer_index",
-    "build_index",
-    "provenance_problems",
-    "query_image",
-    "neighbours_to_json",
-    "build_and_query",
-]
 
 
 _AGGREGATION_WORDS = {
@@ -167,25 +107,12 @@ class RetrievalResult(NamedTuple):
 def _validate_build(
     aggregation: str, similarity: str, dtype: str, clt: nn.Module, index_type: str | None
 ) -> None:
-    _check_choice("aggregation", aggregation, AGGREGATIONS)
-    _check_choice("similarity", similarity, SIMILARITIES)
-    _check_choice("descriptor_dtype", dtype, DESCRIPTOR_DTYPES)
-    n_latents = _n_latents(clt)
+    check_choice("aggregation", aggregation, AGGREGATIONS)
+    check_choice("similarity", similarity, SIMILARITIES)
+    check_choice("descriptor_dtype", dtype, DESCRIPTOR_DTYPES)
+    n_latents = n_latents_of(clt)
     if index_type and n_latents:  # fail before the expensive corpus pass
         new_index(index_type, n_latents, similarity)
-
-
-def _write_layer_indexes(
-    files: DescriptorFiles, plan: IndexPlan, similarity: str, out_dir: Path, use_gpu: bool | None
-) -> dict[str, str]:
-    """Build and write every layer's index, one at a time; returns {file name: sha256}."""
-    file_hashes = {}
-    for position, layer in enumerate(files.layers):
-        index = build_layer_index(files.load(position), plan, similarity, use_gpu=use_gpu)
-        name = f"layer_{layer:02d}.faiss"
-        file_hashes[name] = _write_index_atomic(index, out_dir / name)
-        del index  # one index in memory at a time
-    return file_hashes
 
 
 def build_index(
@@ -234,43 +161,37 @@ def build_index(
     _validate_build(aggregation, similarity, descriptor_dtype, clt, index_type)
     out_dir = Path(out_dir)
     check_replaceable(out_dir, index_folder_owned, INDEX_WHAT)  # before the corpus pass
-    fingerprint = clt_fingerprint(clt)
+    provenance = {"teacher": json_normal(teacher.identity()),
+                  "clt_fingerprint": clt_fingerprint(clt), "dataset": dataset_identity(corpus),
+                  "class_names": list(getattr(corpus, "class_names", [])),
+                  "aggregation": aggregation, "similarity": similarity,
+                  "descriptor_dtype": descriptor_dtype, "descriptors_kept": keep_descriptors}  # fmt: skip
     with commit_folder(out_dir, index_folder_owned, INDEX_WHAT) as staging:
-        files = compute_descriptors(
-            teacher,
-            clt,
-            corpus,
-            staging,
-            aggregation=aggregation,
-            layers=layers,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            dtype=descriptor_dtype,
-            progress=progress,
-        )
+        files = compute_descriptors(teacher, clt, corpus, staging, aggregation=aggregation,
+                                    layers=layers, batch_size=batch_size, num_workers=num_workers,
+                                    dtype=descriptor_dtype, progress=progress)  # fmt: skip
         n_images, dim = files.load(0).shape
         plan = plan_index(n_images, dim, memory_budget_bytes // len(files.layers), index_type)
-        file_hashes = _write_layer_indexes(files, plan, similarity, staging, use_gpu)
-        if not keep_descriptors:
-            for path in files.paths:
-                path.unlink()
-        manifest = build_manifest(
-            files,
-            plan,
-            dim,
-            teacher=_json_normal(teacher.identity()),
-            clt_fingerprint=fingerprint,
-            dataset=dataset_identity(corpus),
-            class_names=list(getattr(corpus, "class_names", [])),
-            aggregation=aggregation,
-            similarity=similarity,
-            descriptor_dtype=descriptor_dtype,
-            descriptors_kept=keep_descriptors,
-            files=file_hashes,
-        )
-        _write_json_atomic(staging / MANIFEST_NAME, manifest)
+        _write_indexes(files, plan, staging, provenance, use_gpu)
     log.info("retrieval index written to %s (%d layers)", out_dir, len(files.layers))
     return RetrievalIndex.load(out_dir, verify=False, use_gpu=use_gpu)
+
+
+def _write_indexes(
+    files: DescriptorFiles,
+    plan: IndexPlan,
+    staging: Path,
+    provenance: dict[str, Any],
+    use_gpu: bool | None,
+) -> None:
+    """Every layer's index, then the descriptors go (unless kept), then the manifest, last."""
+    dim = files.load(0).shape[1]
+    file_hashes = write_layer_indexes(files, plan, provenance["similarity"], staging, use_gpu)
+    if not provenance["descriptors_kept"]:
+        for path in files.paths:
+            path.unlink()
+    manifest = build_manifest(files, plan, dim, **provenance, files=file_hashes)
+    write_json(staging / MANIFEST_NAME, manifest)
 
 
 # ----------------------------------------------------------------------------- query
@@ -303,7 +224,7 @@ def query_image(
         CheckpointMismatchError: Another CLT, teacher or aggregation than the index's.
     """
     fingerprint = clt_fingerprint(clt)
-    identity = _json_normal(teacher.identity())
+    identity = json_normal(teacher.identity())
     index.check_query(teacher=identity, clt_fingerprint=fingerprint, aggregation=index.aggregation)
     if isinstance(images, Image.Image):
         images = [images]
@@ -372,32 +293,80 @@ def neighbours_to_json(
     return {"query": query, "similarity": similarity, "layers": layers}
 
 
+class _Query(NamedTuple):
+    tensor: Tensor  # [1, 3, H, W] preprocessed
+    raw: Image.Image
+    record: dict  # source, label, class, description
+    stem: str
+
+
+def _open_query(
+    teacher: nn.Module, query_path: str | Path | None, query_index: int | None, query_dataset: Any
+) -> _Query:
+    if (query_path is None) == (query_index is None):
+        raise ConfigError(
+            "give exactly one of query_path (an image file) or query_index (a val image)"
+        )
+    if query_path is not None:
+        path = Path(query_path)
+        if not path.is_file():
+            raise DataNotFoundError(f"query image not found: {path}")
+        try:
+            raw = open_image(path)
+        except UnreadableImageError as err:
+            raise UnreadableImageError(f"retrieval.query_path: {err}") from err
+        record = {"source": str(path), "label": None, "class": None, "description": str(path)}
+        return _Query(teacher.preprocess(raw).unsqueeze(0), raw, record, path.stem)
+    if query_dataset is None:
+        raise ConfigError("query_index needs query_dataset (the val split)")
+    if not 0 <= query_index < len(query_dataset):
+        raise ConfigError(f"query_index={query_index} is out of range 0..{len(query_dataset) - 1}")
+    image, label = query_dataset[query_index]
+    names = list(getattr(query_dataset, "class_names", []))
+    record = {
+        "source": f"val[{query_index}]",
+        "label": int(label),
+        "class": names[int(label)] if names else str(int(label)),
+        "description": query_dataset.describe_image(query_index),
+    }
+    return _Query(
+        image.unsqueeze(0), query_dataset.raw_image(query_index), record, f"val{query_index:05d}"
+    )
+
+
+def _check_request(aggregation: str, similarity: str, k: int) -> None:
+    check_choice("aggregation", aggregation, AGGREGATIONS)
+    check_choice("similarity", similarity, SIMILARITIES)
+    if k < 1:
+        raise ConfigError(f"k={k} is not valid; ask for at least 1 neighbour")
+
+
 def _open_or_build(
     teacher: nn.Module,
     clt: nn.Module,
     corpus: Dataset,
     index_dir: Path,
     rebuild: bool,
-    build_kwargs: dict,
+    build: dict[str, Any],
 ) -> tuple[RetrievalIndex, bool]:
+    """The index in ``index_dir`` if it matches (else `CheckpointMismatchError`), or a new
+    one (``rebuild``, or none there); and whether it was built."""
     with contextlib.suppress(OSError):  # read-only storage: use what is there
         recover_folder(index_dir)
     if rebuild or not (index_dir / MANIFEST_NAME).is_file():
         log.info("building the retrieval index in %s", index_dir)
-        return build_index(teacher, clt, corpus, index_dir, **build_kwargs), True
-    index = RetrievalIndex.load(
-        index_dir, layers=build_kwargs["layers"], use_gpu=build_kwargs["use_gpu"]
-    )
+        return build_index(teacher, clt, corpus, index_dir, **build), True
+    index = RetrievalIndex.load(index_dir, layers=build["layers"], use_gpu=build["use_gpu"])
     problems = provenance_problems(
         index.manifest,
-        teacher=_json_normal(teacher.identity()),
+        teacher=json_normal(teacher.identity()),
         clt_fingerprint=clt_fingerprint(clt),
         dataset=dataset_identity(corpus),
-        aggregation=build_kwargs["aggregation"],
-        similarity=build_kwargs["similarity"],
-        index_type=build_kwargs["index_type"],
+        aggregation=build["aggregation"],
+        similarity=build["similarity"],
+        index_type=build["index_type"],
     )
-    _raise_mismatch(index_dir, problems)
+    raise_on_mismatch(index_dir, problems)
     log.info("reusing the retrieval index in %s", index_dir)
     return index, False
 
@@ -440,7 +409,7 @@ def build_and_query(
         query_index: Or an image of ``query_dataset`` (the val split) to query.
         query_dataset: Needed with ``query_index``.
         k: Neighbours per layer shown and recorded.
-        aggregation: "cls", "patches" or "all".
+        aggregation: "cls", "registers", "patches" or "all".
         similarity: "cosine", "ip" or "l2".
         index_type: Force a FAISS factory string (default: chosen by size).
         memory_budget_bytes: For all layers' indexes together.
@@ -454,27 +423,28 @@ def build_and_query(
     Returns:
         `RetrievalResult` with the paths written and the neighbours.
     """
-    from clt_lightning.evaluation.retrieval_plot import retrieval_grid
-
-    _check_choice("aggregation", aggregation, AGGREGATIONS)
-    _check_choice("similarity", similarity, SIMILARITIES)
-    if k < 1:
-        raise ConfigError(f"k={k} is not valid; ask for at least 1 neighbour")
+    _check_request(aggregation, similarity, k)
     query = _open_query(teacher, query_path, query_index, query_dataset)  # fail before building
-    build_kwargs = dict(
-        aggregation=aggregation,
-        similarity=similarity,
-        index_type=index_type,
-        memory_budget_bytes=memory_budget_bytes,
-        layers=layers,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        use_gpu=use_gpu,
-        progress=progress,
-    )
-    index, rebuilt = _open_or_build(teacher, clt, corpus, Path(index_dir), rebuild, build_kwargs)
+    build = {"aggregation": aggregation, "similarity": similarity, "index_type": index_type,
+             "memory_budget_bytes": memory_budget_bytes, "layers": layers,
+             "batch_size": batch_size, "num_workers": num_workers, "use_gpu": use_gpu,
+             "progress": progress}  # fmt: skip
+    index, rebuilt = _open_or_build(teacher, clt, corpus, Path(index_dir), rebuild, build)
     neighbours = query_image(index, teacher, clt, query.tensor, k)
-    output_dir = Path(output_dir)
+    paths = _write_report(neighbours, corpus, query, index, Path(index_dir), Path(output_dir))
+    return RetrievalResult(Path(index_dir), *paths, neighbours, rebuilt)
+
+
+def _write_report(
+    neighbours: list[LayerNeighbours],
+    corpus: Dataset,
+    query: _Query,
+    index: RetrievalIndex,
+    index_dir: Path,
+    output_dir: Path,
+) -> tuple[Path, Path]:
+    """``retrieval_<query>_<aggregation>.json`` and ``.png``; returns (grid, json)."""
+    aggregation, similarity = index.aggregation, index.similarity
     output_dir.mkdir(parents=True, exist_ok=True)
     stem = f"retrieval_{query.stem}_{aggregation}"
     record = neighbours_to_json(neighbours, corpus, query=query.record, similarity=similarity)
@@ -499,4 +469,4 @@ def build_and_query(
         similarity=similarity,
     )
     log.info("retrieval grid %s, neighbours %s", grid_path, json_path)
-    return RetrievalResult(Path(index_dir), grid_path, json_path, neighbours, rebuilt)
+    return grid_path, json_path

@@ -1,8 +1,10 @@
 """Retrieval descriptors: CLT sparse codes aggregated over tokens, one vector per image and layer.
 
-Part of layer-wise retrieval (see `clt_lightning.evaluation.retrieval`). For every corpus
-image j and layer i the CLT's sparse code z_i (one [F] vector per token) is aggregated over
-tokens (``cls``, ``patches`` or ``all``, see `AGGREGATIONS`) into one descriptor.
+Part of layer-wise retrieval (`retrieval` runs it end to end; `retrieval_index` builds
+the FAISS indexes, `retrieval_search` loads and searches them). For every corpus image j
+and layer i the CLT's sparse code z_i (one [F] vector per token) is aggregated over tokens
+(a token group: ``cls``, ``registers``, ``patches`` or ``all``, see `AGGREGATIONS`) into
+one descriptor.
 
 - Bounded memory, streaming: descriptors are computed one teacher batch at a time (the CLT
   encodes a bounded block of token rows at a time, `ENCODE_BLOCK_BYTES`, and the token mean
@@ -12,8 +14,9 @@ tokens (``cls``, ``patches`` or ``all``, see `AGGREGATIONS`) into one descriptor
 - Provenance: `clt_fingerprint` (sha256 of the CLT's weights and structure) and
   `dataset_identity` identify what the descriptors were computed from; `QueryDescriptors`
   carry them so an index can refuse a query made with another CLT, teacher or aggregation.
-- Also the small validation and file helpers (atomic rename with fsync, sha256) shared by
-  the other retrieval modules.
+- The retrieval settings' valid choices (`AGGREGATIONS`, `SIMILARITIES`,
+  `DESCRIPTOR_DTYPES`) and their check (`check_choice`), shared by the other retrieval
+  modules and the CLI.
 """
 
 from __future__ import annotations
@@ -21,35 +24,28 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, SequentialSampler
 from tqdm import tqdm
 
-from clt_lightning.data.image_datasets import open_image
-from clt_lightning.errors import (
-    CLTError,
-    ConfigError,
-    DataNotFoundError,
-    UnreadableImageError,
-)
-from clt_lightning.evaluation._io import atomic_write_bytes
-from clt_lightning.files import allocate
+from clt_lightning.errors import CLTError, ConfigError
+from clt_lightning.evaluation.token_modes import GROUP_ORDER
+from clt_lightning.files import allocate, atomic_write_via_path
 from clt_lightning.tokens import TokenLayout, layout_of
 
 log = logging.getLogger(__name__)
 
 
-AGGREGATIONS = ("cls", "registers", "patches", "all")
+AGGREGATIONS: tuple[str, ...] = GROUP_ORDER
+"""Token aggregations of a descriptor: the token groups of `clt_lightning.tokens`."""
 SIMILARITIES = ("cosine", "ip", "l2")
 """Similarity of a retrieval index (`retrieval_index.new_index`); here so the CLI can
 check the setting without importing FAISS."""
@@ -101,7 +97,14 @@ class DescriptorFiles:
 # ----------------------------------------------------------------------------- validation
 
 
-def _check_choice(key: str, value: str, valid: Sequence[str]) -> None:
+def check_choice(key: str, value: str, valid: Sequence[str]) -> None:
+    """Raise a one-line `ConfigError` unless ``value`` is one of ``valid``.
+
+    Args:
+        key: The setting's name, for the message (e.g. "aggregation").
+        value: Its value.
+        valid: The valid values (e.g. `AGGREGATIONS`).
+    """
     if value not in valid:
         raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(valid)}")
 
@@ -138,15 +141,16 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
-def _json_normal(value: Any) -> Any:
-    """Round-trip through JSON so tuples/lists and key order compare equal to a manifest."""
+def json_normal(value: Any) -> Any:
+    """``value`` round-tripped through JSON, so tuples/lists and key order compare equal to
+    what a manifest holds (values JSON cannot hold become their `str`)."""
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
 def dataset_identity(dataset: Any) -> dict:
     """JSON-able identity of a corpus: ``dataset.identity()`` or its type and size."""
     if hasattr(dataset, "identity"):
-        return _json_normal(dataset.identity())
+        return json_normal(dataset.identity())
     return {"type": type(dataset).__qualname__, "n_images": len(dataset)}
 
 
@@ -184,7 +188,9 @@ def _encode_block_rows(n_layers: int, n_latents: int) -> int:
     return max(1, ENCODE_BLOCK_BYTES // (3 * 4 * n_layers * max(n_latents, 1)))
 
 
-def _n_latents(clt: nn.Module) -> int | None:
+def n_latents_of(clt: nn.Module) -> int | None:
+    """F, the CLT's latents per layer (``n_latents``, else ``W_enc``'s last axis); None
+    when neither says."""
     n_latents = getattr(clt, "n_latents", None)
     if isinstance(n_latents, int):
         return n_latents
@@ -221,7 +227,7 @@ def encode_descriptors(
     Raises:
         ConfigError: An unknown aggregation, or a token group the model lacks.
     """
-    _check_choice("aggregation", aggregation, AGGREGATIONS)
+    check_choice("aggregation", aggregation, AGGREGATIONS)
     n_images, _, n_layers = x.shape[:3]
     keep = torch.tensor(_resolve_layers(layers, n_layers))
     where = layout_of(x.shape[1] if layout is None else layout)
@@ -233,7 +239,7 @@ def encode_descriptors(
         )
     rows = tokens.reshape(n_images * n_tokens, *x.shape[2:])
     image_of_row = torch.arange(n_images).repeat_interleave(n_tokens)
-    block = block_rows or _encode_block_rows(n_layers, _n_latents(clt) or 4096)
+    block = block_rows or _encode_block_rows(n_layers, n_latents_of(clt) or 4096)
     with _eval_mode(clt):
         sums = _sum_codes(clt, rows, image_of_row, keep, block, n_images)
     return (sums / n_tokens).cpu()
@@ -281,7 +287,8 @@ class _MemmapWriter:
             array.flush()
         self.arrays.clear()
         for temp, final in zip(self.temps, self.finals, strict=True):
-            _fsync_replace(temp, final)
+            # the memmap already filled the temp file: fsync it and rename it into place
+            atomic_write_via_path(final, lambda _: None, disk_full=str(temp), temp=temp)
         return self.finals
 
     def abort(self) -> None:
@@ -342,32 +349,24 @@ def compute_descriptors(
     Returns:
         The finished files; a failure leaves no ``.npy`` behind, only removed temp files.
     """
-    _check_choice("aggregation", aggregation, AGGREGATIONS)
-    _check_choice("dtype", dtype, DESCRIPTOR_DTYPES)
-    layout = getattr(teacher, "token_layout", None)
+    check_choice("aggregation", aggregation, AGGREGATIONS)
+    check_choice("dtype", dtype, DESCRIPTOR_DTYPES)
     loader = _as_loader(data, batch_size, num_workers)
     n_images = len(loader.dataset)  # type: ignore[arg-type]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = np.full(n_images, -1, dtype=np.int64)
-    device, _ = _module_device_dtype(teacher)
     writer: _MemmapWriter | None = None
     start = 0
     try:
-        with tqdm(
-            total=n_images, unit="img", desc="retrieval descriptors", disable=not progress
-        ) as bar:
-            for images, batch_labels in _batches(loader):
-                with torch.inference_mode():
-                    x = teacher.capture(images.to(device)).x
-                if writer is None:
-                    layers = _resolve_layers(layers, x.shape[2])
-                    writer = _MemmapWriter(out_dir, layers, n_images, dtype)
-                codes = encode_descriptors(clt, x, aggregation, layers, layout=layout)
-                writer.write(start, codes.numpy())
-                labels[start : start + len(images)] = batch_labels.numpy()
-                start += len(images)
-                bar.update(len(images))
+        for chosen, codes, batch_labels in _corpus_codes(
+            teacher, clt, loader, aggregation, layers, progress
+        ):
+            if writer is None:
+                writer = _MemmapWriter(out_dir, chosen, n_images, dtype)
+            writer.write(start, codes)
+            labels[start : start + len(codes)] = batch_labels
+            start += len(codes)
         if writer is None or start != n_images:
             raise CLTError(f"the corpus yielded {start} images, expected {n_images}")
         paths = writer.finalise()
@@ -376,6 +375,30 @@ def compute_descriptors(
             writer.abort()
         raise
     return DescriptorFiles(paths, writer.layers, labels, np.arange(n_images, dtype=np.int64))
+
+
+def _corpus_codes(
+    teacher: nn.Module,
+    clt: nn.Module,
+    loader: DataLoader,
+    aggregation: str,
+    layers: Sequence[int] | None,
+    progress: bool,
+) -> Iterator[tuple[tuple[int, ...], np.ndarray, np.ndarray]]:
+    """Per corpus batch, in order: (layers, descriptors [B, L_sel, F], labels [B])."""
+    layout = getattr(teacher, "token_layout", None)
+    device, _ = _module_device_dtype(teacher)
+    n_images = len(loader.dataset)  # type: ignore[arg-type]
+    with tqdm(
+        total=n_images, unit="img", desc="retrieval descriptors", disable=not progress
+    ) as bar:
+        for images, batch_labels in _batches(loader):
+            with torch.inference_mode():
+                x = teacher.capture(images.to(device)).x
+            chosen = _resolve_layers(layers, x.shape[2])
+            codes = encode_descriptors(clt, x, aggregation, chosen, layout=layout)
+            yield chosen, codes.numpy(), batch_labels.numpy()
+            bar.update(len(images))
 
 
 def compute_query_descriptors(
@@ -412,63 +435,5 @@ def compute_query_descriptors(
         layers=layers,
         aggregation=aggregation,
         clt_fingerprint=fingerprint or clt_fingerprint(clt),
-        teacher=_json_normal(teacher.identity()),
+        teacher=json_normal(teacher.identity()),
     )
-
-
-# ----------------------------------------------------------------------------- query images
-
-
-class _Query(NamedTuple):
-    tensor: Tensor  # [1, 3, H, W] preprocessed
-    raw: Image.Image
-    record: dict  # source, label, class, description
-    stem: str
-
-
-def _open_query(
-    teacher: nn.Module, query_path: str | Path | None, query_index: int | None, query_dataset: Any
-) -> _Query:
-    if (query_path is None) == (query_index is None):
-        raise ConfigError(
-            "give exactly one of query_path (an image file) or query_index (a val image)"
-        )
-    if query_path is not None:
-        path = Path(query_path)
-        if not path.is_file():
-            raise DataNotFoundError(f"query image not found: {path}")
-        try:
-            raw = open_image(path)
-        except UnreadableImageError as err:
-            raise UnreadableImageError(f"retrieval.query_path: {err}") from err
-        record = {"source": str(path), "label": None, "class": None, "description": str(path)}
-        return _Query(teacher.preprocess(raw).unsqueeze(0), raw, record, path.stem)
-    if query_dataset is None:
-        raise ConfigError("query_index needs query_dataset (the val split)")
-    if not 0 <= query_index < len(query_dataset):
-        raise ConfigError(f"query_index={query_index} is out of range 0..{len(query_dataset) - 1}")
-    image, label = query_dataset[query_index]
-    names = list(getattr(query_dataset, "class_names", []))
-    record = {
-        "source": f"val[{query_index}]",
-        "label": int(label),
-        "class": names[int(label)] if names else str(int(label)),
-        "description": query_dataset.describe_image(query_index),
-    }
-    return _Query(
-        image.unsqueeze(0), query_dataset.raw_image(query_index), record, f"val{query_index:05d}"
-    )
-
-
-# ----------------------------------------------------------------------------- files
-
-
-def _fsync_replace(temp: Path, final: Path) -> None:
-    with open(temp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temp, final)
-
-
-def _write_json_atomic(path: Path, payload: dict) -> None:
-    text = json.dumps(payload, indent=1, allow_nan=False) + "\n"  # NaN is not JSON
-    atomic_write_bytes(path, text.encode("utf-8"))

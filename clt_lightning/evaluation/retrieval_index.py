@@ -1,6 +1,7 @@
 """Retrieval indexes: choosing, sizing and building one FAISS index per layer.
 
-Part of layer-wise retrieval (see `clt_lightning.evaluation.retrieval`).
+Part of layer-wise retrieval (`retrieval` runs it end to end, from the descriptors of
+`retrieval_descriptors`; `retrieval_search` loads and searches what is written here).
 
 - Similarity: ``cosine`` (default) L2-normalises descriptors and searches by inner product;
   ``ip`` is the raw inner product; ``l2`` is the squared Euclidean distance (smaller is
@@ -14,7 +15,7 @@ Part of layer-wise retrieval (see `clt_lightning.evaluation.retrieval`).
 - GPU: when FAISS is a GPU build and sees a GPU, indexes are built and searched there
   (``index_cpu_to_all_gpus``) and copied back to the CPU to be written; results are the
   same as on the CPU. An index type the GPU does not support stays on the CPU (a warning).
-- Files: ``layer_XX.faiss`` is written atomically (`_write_index_atomic`); no pickle.
+- Files: ``layer_XX.faiss`` is written atomically (`write_layer_index`); no pickle.
 """
 
 from __future__ import annotations
@@ -29,13 +30,13 @@ from typing import NamedTuple
 import faiss
 import numpy as np
 
-from clt_lightning.errors import ConfigError, DiskSpaceError
+from clt_lightning.errors import ConfigError
 from clt_lightning.evaluation.retrieval_descriptors import (
     SIMILARITIES,
-    _check_choice,
-    _fsync_replace,
+    DescriptorFiles,
+    check_choice,
 )
-from clt_lightning.files import is_disk_full
+from clt_lightning.files import atomic_write_via_path
 from clt_lightning.hashing import file_sha256
 
 log = logging.getLogger(__name__)
@@ -159,7 +160,9 @@ def estimate_index_bytes(factory: str, n: int, dim: int) -> int | None:
     return int(fixed + per_vector * n)
 
 
-def _default_nprobe(factory: str) -> int | None:
+def default_nprobe(factory: str) -> int | None:
+    """Inverted lists an IVF index visits per query: an eighth of nlist (at least 1); None
+    for a factory string without IVF."""
     ivf = re.match(r"IVF(\d+)", factory)
     if not ivf:
         return None
@@ -195,7 +198,7 @@ def plan_index(
     )
     if index_type and estimate is not None and estimate > memory_budget_bytes:
         log.warning("forced index type %s exceeds the memory budget", factory)
-    return IndexPlan(factory, estimate, _default_nprobe(factory))
+    return IndexPlan(factory, estimate, default_nprobe(factory))
 
 
 def new_index(factory: str, dim: int, similarity: str = "cosine") -> faiss.Index:
@@ -208,7 +211,7 @@ def new_index(factory: str, dim: int, similarity: str = "cosine") -> faiss.Index
     Raises:
         ConfigError: FAISS rejects the factory string for this dim (the message says why).
     """
-    _check_choice("similarity", similarity, SIMILARITIES)
+    check_choice("similarity", similarity, SIMILARITIES)
     metric = faiss.METRIC_L2 if similarity == "l2" else faiss.METRIC_INNER_PRODUCT
     try:
         index = faiss.index_factory(dim, factory, metric)
@@ -304,7 +307,8 @@ def _row_chunks(descriptors: np.ndarray, chunk_rows: int) -> Iterator[np.ndarray
         yield descriptors[start : start + chunk_rows]
 
 
-def _set_nprobe(index: faiss.Index, nprobe: int | None) -> None:
+def set_nprobe(index: faiss.Index, nprobe: int | None) -> None:
+    """Set an IVF index's ``nprobe`` (no-op for None or an index without IVF)."""
     ivf = faiss.try_extract_index_ivf(index)
     if nprobe is not None and ivf is not None:
         ivf.nprobe = nprobe
@@ -334,7 +338,7 @@ def build_layer_index(
     """
     n_rows, dim = descriptors.shape
     cpu_index = new_index(plan.factory, dim, similarity)
-    _set_nprobe(cpu_index, plan.nprobe)
+    set_nprobe(cpu_index, plan.nprobe)
     index, on_gpu = to_search_device(cpu_index, use_gpu)
     if not index.is_trained:
         sample = prepare_vectors(train_sample(descriptors, seed=seed), similarity, inplace=True)
@@ -349,18 +353,43 @@ def build_layer_index(
 # ----------------------------------------------------------------------------- files
 
 
-def _write_index_atomic(index: faiss.Index, path: Path) -> str:
+def write_layer_index(index: faiss.Index, path: Path) -> str:
+    """Write one layer's index atomically (through ``<name>.partial``); returns its sha256.
+
+    Raises:
+        DiskSpaceError: The device filled up (names the temp file; nothing under ``path``
+            changed).
+    """
     temp = path.with_name(path.name + ".partial")
-    try:
-        faiss.write_index(index, str(temp))
-    except (OSError, RuntimeError) as error:
-        temp.unlink(missing_ok=True)
-        if is_disk_full(error):
-            raise DiskSpaceError(
-                f"no space left on the device while writing the retrieval index {temp}; "
-                "nothing under its final name was changed: free some space and rerun "
-                "(the indexes are rebuilt)"
-            ) from error
-        raise
-    _fsync_replace(temp, path)
+    atomic_write_via_path(
+        path,
+        lambda target: faiss.write_index(index, str(target)),
+        disk_full=f"the retrieval index {temp}; nothing under its final name was changed: "
+        "free some space and rerun (the indexes are rebuilt)",
+        temp=temp,
+    )
     return file_sha256(path)
+
+
+def write_layer_indexes(
+    files: DescriptorFiles, plan: IndexPlan, similarity: str, out_dir: Path, use_gpu: bool | None
+) -> dict[str, str]:
+    """Build and write every layer's index (``layer_XX.faiss``), one in memory at a time.
+
+    Args:
+        files: The per-layer descriptors.
+        plan: From `plan_index` (the same for every layer).
+        similarity: One of `SIMILARITIES`.
+        out_dir: Folder the index files are written into.
+        use_gpu: Build on the GPU: True, False, or None for "when available".
+
+    Returns:
+        {file name: sha256} of the written files.
+    """
+    file_hashes = {}
+    for position, layer in enumerate(files.layers):
+        index = build_layer_index(files.load(position), plan, similarity, use_gpu=use_gpu)
+        name = f"layer_{layer:02d}.faiss"
+        file_hashes[name] = write_layer_index(index, out_dir / name)
+        del index  # one index in memory at a time
+    return file_hashes

@@ -26,8 +26,8 @@ from PIL import Image
 
 from clt_lightning.files import atomic_write_bytes
 
-if TYPE_CHECKING:
-    from clt_lightning.evaluation.retrieval import LayerNeighbours
+if TYPE_CHECKING:  # only a type here: drawing needs no FAISS
+    from clt_lightning.evaluation.retrieval_search import LayerNeighbours
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Retrieval index folders: manifest and provenance checks, loading and searching.
 
-Part of layer-wise retrieval (see `clt_lightning.evaluation.retrieval`). ``manifest.json``
+Part of layer-wise retrieval (`retrieval` runs it end to end). ``manifest.json``
 (`MANIFEST_NAME`, written last by `build_index`, so its presence means the folder is
 complete) records the teacher identity, the CLT fingerprint, the dataset identity,
 aggregation, similarity, index type, image ids, labels, class names and a sha256 per file.
@@ -28,10 +28,16 @@ from clt_lightning.errors import (
     DataNotFoundError,
 )
 from clt_lightning.evaluation.retrieval_descriptors import (
+    DescriptorFiles,
     QueryDescriptors,
-    _json_normal,
+    json_normal,
 )
-from clt_lightning.evaluation.retrieval_index import _set_nprobe, prepare_vectors, to_search_device
+from clt_lightning.evaluation.retrieval_index import (
+    IndexPlan,
+    prepare_vectors,
+    set_nprobe,
+    to_search_device,
+)
 from clt_lightning.hashing import file_sha256
 
 log = logging.getLogger(__name__)
@@ -48,8 +54,8 @@ def index_folder_owned(entry: Path) -> bool:
     return entry.is_file() and entry.suffix in INDEX_SUFFIXES
 
 
-def build_manifest(descriptors: Any, plan: Any, dim: int, **fields: Any) -> dict:
-    """The index manifest: `fields` plus the plan (`IndexPlan`) and the corpus of `DescriptorFiles`."""
+def build_manifest(descriptors: DescriptorFiles, plan: IndexPlan, dim: int, **fields: Any) -> dict:
+    """The index manifest: `fields` plus the plan and the corpus of the descriptors."""
     return {
         "format_version": FORMAT_VERSION,
         "kind": "clt-lightning retrieval index",
@@ -104,7 +110,7 @@ def provenance_problems(manifest: dict, **wanted: Any) -> list[str]:
     for key, value in wanted.items():
         if value is None:
             continue
-        value, built = _json_normal(value), manifest.get(key)
+        value, built = json_normal(value), manifest.get(key)
         if key == "layers":
             missing = sorted(set(value) - set(built or []))
             if missing:
@@ -126,7 +132,13 @@ def provenance_problems(manifest: dict, **wanted: Any) -> list[str]:
     return problems
 
 
-def _raise_mismatch(path: Path, problems: list[str]) -> None:
+def raise_on_mismatch(path: Path, problems: list[str]) -> None:
+    """Raise `CheckpointMismatchError` listing `provenance_problems` (none: no-op).
+
+    Args:
+        path: The index folder, named in the message.
+        problems: From `provenance_problems`.
+    """
     if problems:
         raise CheckpointMismatchError(
             f"retrieval index {path} does not match this query: "
@@ -197,7 +209,7 @@ def _read_layer_index(path: Path, manifest: dict, layer: int, verify: bool) -> f
             f"{file} holds {index.ntotal} vectors of dim {index.d}, the manifest says "
             f"{manifest['n_images']} of dim {manifest['dim']}; {REBUILD_HINT}"
         )
-    _set_nprobe(index, manifest.get("nprobe"))
+    set_nprobe(index, manifest.get("nprobe"))
     return index
 
 
@@ -238,7 +250,7 @@ class RetrievalIndex:
         """
         path = Path(path)
         manifest = _read_manifest(path)
-        _raise_mismatch(path, provenance_problems(manifest, layers=layers))
+        raise_on_mismatch(path, provenance_problems(manifest, layers=layers))
         wanted = manifest["layers"] if layers is None else list(layers)
         indexes = {}
         for layer in wanted:
@@ -277,7 +289,7 @@ class RetrievalIndex:
         problems = provenance_problems(
             self.manifest, teacher=teacher, clt_fingerprint=clt_fingerprint, aggregation=aggregation
         )
-        _raise_mismatch(self.path, problems)
+        raise_on_mismatch(self.path, problems)
 
     def _query_matrix(self, query: QueryDescriptors | np.ndarray | Tensor) -> np.ndarray:
         if isinstance(query, QueryDescriptors):

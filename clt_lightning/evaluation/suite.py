@@ -34,22 +34,21 @@ from tqdm.auto import tqdm
 from clt_lightning.errors import ConfigError
 from clt_lightning.evaluation import (
     ablations,
+    cascade,
     clean_pass,
     contributions,
     faithfulness,
-    replacement,
     zeroshot,
 )
-from clt_lightning.evaluation._io import write_csv, write_markdown
 from clt_lightning.evaluation.linear_probe import build_probe
+from clt_lightning.evaluation.replacement import check_compatible
+from clt_lightning.evaluation.tables import write_csv, write_markdown
+from clt_lightning.evaluation.token_modes import GROUP_ORDER
 from clt_lightning.evaluation.undefined import nan_to_undefined, write_json
 from clt_lightning.files import check_replaceable, commit_folder
 from clt_lightning.tokens import TOKEN_GROUPS, layout_of
 
 log = logging.getLogger(__name__)
-
-TOKEN_MODES = ("cls", "registers", "patches", "all")
-"""Token groups in the order the evaluation reports them (`clt_lightning.tokens`)."""
 
 
 @dataclass
@@ -117,11 +116,6 @@ def evaluation_images(dataset: Dataset, n_images: int | None, seed: int) -> Data
     return Subset(dataset, sorted(order[:n_images].tolist()))
 
 
-def _write_json(path: Path, payload: Any) -> None:
-    """JSON with undefined values as null + reason; NaN is refused (`undefined.write_json`)."""
-    write_json(path, payload)
-
-
 CONTRIBUTION_UNDEFINED = "no image of this token group has a nonzero reconstruction of the target"
 
 
@@ -140,7 +134,7 @@ def reconstruction_metrics(teacher: Any, clt: Any, loader: DataLoader) -> dict[s
     return metrics.payload()
 
 
-def _cascade_payload(result: replacement.CascadeResult) -> dict[str, Any]:
+def _cascade_payload(result: cascade.CascadeResult) -> dict[str, Any]:
     return {
         "n_layers": result.n_layers,
         "n_images": result.n_images,
@@ -157,26 +151,19 @@ def _faithfulness_rows(
     """Table 5 rows in the run-folder schema (ΔAcc in points, agreements in %)."""
     rows = []
     for (start, mode), report in zip(windows, reports.values(), strict=True):
-        rows.append(
-            {
-                "window": f"{start}-{n_layers - 1}",
-                "start": start,
-                "mode": mode,
-                "delta_acc": 100 * report.delta_accuracy,
-                "flip_rate": report.flip_rate,
-                "kl": report.kl,
-                "top1_agreement": 100 * report.top1_agreement,
-                "top5_agreement": 100 * report.top5_agreement,
-                "cosine": report.cosine,
-                "cka": report.cka,
-                "spearman": report.spearman,
-                "spearman_logits": report.spearman_logits,
-                "prompt_r": report.prompt_r,
-                "prompt_kl": report.prompt_kl,
-                "n_images": report.n_images,
-            }
-        )
+        row = {"window": f"{start}-{n_layers - 1}", "start": start, "mode": mode}
+        row["delta_acc"] = 100 * report.delta_accuracy
+        for name in _FAITHFULNESS_FIELDS:
+            value = getattr(report, name)
+            row[name] = 100 * value if name in _PERCENT_FIELDS else value
+        rows.append(row)
     return rows
+
+
+_FAITHFULNESS_FIELDS = ("flip_rate", "kl", "top1_agreement", "top5_agreement", "cosine", "cka",
+                        "spearman", "spearman_logits", "prompt_r", "prompt_kl", "n_images")  # fmt: skip
+"""`FaithfulnessReport` fields of a run-folder row after its ΔAcc, in order."""
+_PERCENT_FIELDS = ("top1_agreement", "top5_agreement")
 
 
 @dataclass
@@ -280,7 +267,7 @@ def run_suite(
     Returns:
         The JSON payloads by file stem ("cascade", "faithfulness", ...).
     """
-    replacement.check_compatible(teacher, clt)
+    check_compatible(teacher, clt)
     if not class_names:
         raise ConfigError(
             f"dataset {info.dataset!r} has no class names: cannot build a zero-shot head"
@@ -291,39 +278,32 @@ def run_suite(
     images = evaluation_images(dataset, config.n_images, config.seed)
     loader = DataLoader(images, batch_size=config.batch_size, num_workers=config.num_workers)
     head = _accuracy_head(teacher, class_names, info, config, train_dataset)
-    layout = layout_of(teacher)
-    modes = [layout.check(m, "evaluation.modes") for m in config.modes or []]
-    modes = modes or [m for m in TOKEN_MODES if m in layout.groups]
+    modes = _evaluated_modes(teacher, config)
     log.info("evaluating %s on %d images: one clean teacher pass", info.run_name, len(images))
     payloads, result, reports, scores = _clean_pass_payloads(
         teacher, clt, loader, head, config, modes
     )
     log.info("necessity / sufficiency ablations (second teacher pass)")
-    ablation = ablations.ablate(
-        teacher,
-        clt,
-        loader,
-        head.classifier,
-        head.scale,
-        scores,
-        modes=modes,
-        k=config.ablation_k,
-        progress=True,
-    )
+    ablation = ablations.ablate(teacher, clt, loader, head.classifier, head.scale, scores,
+                                modes=modes, k=config.ablation_k, progress=True)  # fmt: skip
     payloads["ablations"] = _ablation_payload(ablation, scores, clt.n_layers)
-    run = {
-        **asdict(info),
-        "sparsifier": clt.sparsifier.name,
-        "n_images": len(images),
-        "n_layers": clt.n_layers,
-    }
+    run = {**asdict(info), "sparsifier": clt.sparsifier.name, "n_images": len(images),
+           "n_layers": clt.n_layers}  # fmt: skip
     with commit_folder(
         out, evaluation_owned, EVALUATION_WHAT, keep=evaluation_subfolder
     ) as staging:
         _write_outputs(staging, payloads, result, reports, ablation, scores, info, config)
-        _write_json(staging / "run.json", run)
+        write_json(staging / "run.json", run)
     payloads["run"] = run
     return payloads
+
+
+def _evaluated_modes(teacher: Any, config: EvaluationConfig) -> list[str]:
+    """`config.modes` (checked against the teacher's token groups), else every group the
+    teacher has, in `GROUP_ORDER`."""
+    layout = layout_of(teacher)
+    modes = [layout.check(m, "evaluation.modes") for m in config.modes or []]
+    return modes or [m for m in GROUP_ORDER if m in layout.groups]
 
 
 EVALUATION_WHAT = "evaluation results"
@@ -377,15 +357,15 @@ def _clean_pass_payloads(
     n_layers = clt.n_layers
     layout = layout_of(teacher)
     windows = default_windows(n_layers, config.faithfulness_starts, modes)
-    cascade = replacement.CascadeAccumulator(
+    accuracy = cascade.CascadeAccumulator(
         teacher, clt, head.classifier, head.scale, config.starts, modes, keep=windows
     )
     contribution = contributions.ContributionAccumulator(n_layers, layout=layout)
     reconstruction = clean_pass.ReconstructionAccumulator(n_layers, clt.d_model, layout)
     clean_pass.shared_clean_pass(
-        teacher, clt, loader, cascade, contribution, reconstruction, progress=True
+        teacher, clt, loader, accuracy, contribution, reconstruction, progress=True
     )
-    result = cascade.compute()
+    result = accuracy.compute()
     reports = {}
     if windows:  # the paper has no all-token rows: modes=["all"] has no default window
         reports = faithfulness.faithfulness_from_cascade(
@@ -424,8 +404,8 @@ def _ablation_payload(ablation: Any, scores: Any, n_layers: int) -> dict[str, An
 def _write_outputs(out: Path, payloads, result, reports, ablation, scores, info, config) -> None:
     """JSON for every payload, Markdown/CSV tables, and the figures."""
     for stem, payload in payloads.items():
-        _write_json(out / f"{stem}.json", payload)
-    replacement.write_cascade_tables(result, out)
+        write_json(out / f"{stem}.json", payload)
+    cascade.write_cascade_tables(result, out)
     table5 = faithfulness.faithfulness_table(reports)
     write_markdown(table5, out / "faithfulness.md", digits=3)
     write_csv(table5, out / "faithfulness.csv")
@@ -446,6 +426,6 @@ def _write_figures(out: Path, payloads, result, scores, info: RunInfo) -> None:
         panels, out / "contributions.png", title=f"Contributions C[s, l]: {name}"
     )
     runs = {
-        g: payloads["reconstruction"][g] for g in TOKEN_MODES if g in payloads["reconstruction"]
+        g: payloads["reconstruction"][g] for g in GROUP_ORDER if g in payloads["reconstruction"]
     }
     plots.reconstruction_curves(runs, out / "reconstruction.png", title=f"Reconstruction: {name}")

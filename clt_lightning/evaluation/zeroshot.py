@@ -30,7 +30,7 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 from clt_lightning.errors import ConfigError
-from clt_lightning.evaluation._io import atomic_write_bytes
+from clt_lightning.files import atomic_write_bytes
 from clt_lightning.hashing import json_sha256, tensors_sha256
 
 logger = logging.getLogger(__name__)

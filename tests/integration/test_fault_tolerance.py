@@ -172,7 +172,7 @@ def test_disk_full_while_writing_a_retrieval_index(tiny_cache, reference, tmp_pa
     """ENOSPC while FAISS writes the second per-layer index: exit 2 with one line, no
     manifest (the index folder never looks complete), and the rerun rebuilds it and gives
     the neighbours of an unbroken run."""
-    import clt_lightning.evaluation.retrieval as retrieval
+    import clt_lightning.evaluation.retrieval_index as retrieval
 
     config = write_config(tmp_path / "run.yaml", tiny_cache, tmp_path / "run")
 

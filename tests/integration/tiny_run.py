@@ -363,16 +363,16 @@ def _pause_after_atomic_writes(module: str, n_writes: int) -> None:
 
 def _pause_in_index_write() -> None:
     """`clt retrieve`: block after the first per-layer index file is committed."""
-    import clt_lightning.evaluation.retrieval as retrieval
+    import clt_lightning.evaluation.retrieval_index as retrieval
 
-    real = retrieval._write_index_atomic
+    real = retrieval.write_layer_index
 
     def write(index: Any, path: Path) -> str:
         digest = real(index, path)
         _block()
         return digest
 
-    retrieval._write_index_atomic = write
+    retrieval.write_layer_index = write
 
 
 def _pause_between_folder_renames() -> None:

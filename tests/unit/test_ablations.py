@@ -12,8 +12,9 @@ from clt_lightning.evaluation.ablations import (
     rank_sources,
     source_subsets,
 )
+from clt_lightning.evaluation.cascade import cascade
 from clt_lightning.evaluation.contributions import ContributionScores, contribution_scores
-from clt_lightning.evaluation.replacement import cascade, token_positions
+from clt_lightning.evaluation.token_modes import mode_positions
 from clt_lightning.evaluation.zeroshot import zero_shot_logits
 from clt_lightning.models.clt import CrossLayerTranscoder
 from clt_lightning.models.sparsifiers import SparsifierConfig
@@ -102,7 +103,7 @@ def test_ablation_accuracies_match_naive_runs(tiny_teacher, clt, head):
         {"cls": [0.1, 0.6, 0.2], "patches": [0.5, 0.1, 0.3], "all": [0.2, 0.2, 0.5]}
     )
     # labels: the naive "drop top-1" prediction for [CLS] -> that cell must be 100 %
-    cls = token_positions("cls", 17)
+    cls = mode_positions("cls", 17)
     labels = zero_shot_logits(naive_embeddings(tiny_teacher, clt, images, cls, [0, 2]), *head)
     labels = labels.argmax(dim=1)
     batches = [(images[:5], labels[:5]), (images[5:], labels[5:])]
@@ -115,7 +116,7 @@ def test_ablation_accuracies_match_naive_runs(tiny_teacher, clt, head):
     }
     assert result.kept_sources == expected_kept
     for mode, variants in expected_kept.items():
-        positions = token_positions(mode, 17)
+        positions = mode_positions(mode, 17)
         for variant, kept in variants.items():
             emb = naive_embeddings(tiny_teacher, clt, images, positions, kept)
             correct = (zero_shot_logits(emb, *head).argmax(1) == labels).double().mean()

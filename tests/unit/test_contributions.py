@@ -11,7 +11,6 @@ from clt_lightning.errors import CheckpointMismatchError, ConfigError
 from clt_lightning.evaluation.contributions import (
     ContributionAccumulator,
     contribution_scores,
-    contribution_scores_from_tokens,
 )
 from clt_lightning.models.clt import CrossLayerTranscoder
 from clt_lightning.models.sparsifiers import SparsifierConfig
@@ -103,7 +102,10 @@ def test_shuffled_token_batches_equal_whole_images(tiny_teacher, clt, images):
     batches = [
         {"x": tokens[idx], "token": token[idx], "image": image[idx]} for idx in order.split(16)
     ]
-    got = contribution_scores_from_tokens(clt, batches)
+    tokens_acc = ContributionAccumulator(3)
+    for batch in batches:
+        tokens_acc.update(clt, batch["x"], batch["token"], batch["image"])
+    got = tokens_acc.compute()
     for group in expected.scores:
         torch.testing.assert_close(got.scores[group], expected.scores[group], atol=1e-9, rtol=0)
 

@@ -12,7 +12,7 @@ from scipy.stats import pearsonr, spearmanr
 
 from clt_lightning.errors import ConfigError
 from clt_lightning.evaluation import faithfulness as fm
-from clt_lightning.evaluation.replacement import CascadeResult
+from clt_lightning.evaluation.cascade import CascadeResult
 from clt_lightning.evaluation.undefined import Undefined
 from clt_lightning.evaluation.zeroshot import zero_shot_logits
 
@@ -160,7 +160,7 @@ def test_prompt_r_of_equal_per_template_accuracies_is_undefined_not_zero(tmp_pat
     Undefined with a reason naming the exact counts: null in JSON, "–" in tables."""
     import json
 
-    from clt_lightning.evaluation._io import rows_to_csv, rows_to_markdown
+    from clt_lightning.evaluation.tables import rows_to_csv, rows_to_markdown
     from clt_lightning.evaluation.undefined import write_json
 
     teacher, surrogate, labels, per_template = _equal_template_accuracies()

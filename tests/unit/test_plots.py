@@ -8,12 +8,11 @@ import torch
 from PIL import Image
 
 from clt_lightning.errors import ConfigError
-from clt_lightning.evaluation.replacement import CascadeResult
+from clt_lightning.evaluation.cascade import CascadeResult
 from clt_lightning.plots import (
     BIAS_AXES_LABEL,
     HEATMAP_AXES_LABEL,
     cascade_plot,
-    contribution_heatmap,
     contribution_heatmaps,
     masked_triangle,
     reconstruction_curves,
@@ -46,7 +45,7 @@ def axes_by_label(fig, label):
 def test_heatmap_masks_lower_triangle_and_writes_png(tmp_path, n_layers):
     table = scores_table(n_layers)
     path = tmp_path / "heat.png"
-    fig = contribution_heatmap(table, "CLS", path)
+    fig = contribution_heatmaps({"CLS": table}, path)
     check_png(path)
     (ax,) = axes_by_label(fig, HEATMAP_AXES_LABEL)
     data = np.ma.filled(ax.images[0].get_array().astype(float), np.nan)
@@ -65,9 +64,9 @@ def test_heatmap_masks_lower_triangle_and_writes_png(tmp_path, n_layers):
 
 
 def test_heatmap_without_bias_and_two_panels(tmp_path):
-    fig = contribution_heatmap(scores_table(4)[:4], "no bias")
+    fig = contribution_heatmaps({"no bias": scores_table(4)[:4]})
     assert not axes_by_label(fig, BIAS_AXES_LABEL)
-    fig = contribution_heatmap(scores_table(4), "hidden bias", show_bias=False)
+    fig = contribution_heatmaps({"hidden bias": scores_table(4)}, show_bias=False)
     assert not axes_by_label(fig, BIAS_AXES_LABEL)
     path = tmp_path / "two.png"
     fig = contribution_heatmaps(

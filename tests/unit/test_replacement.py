@@ -6,17 +6,14 @@ import pytest
 import torch
 
 from clt_lightning.errors import CheckpointMismatchError, ConfigError
-from clt_lightning.evaluation.replacement import (
-    TOKEN_MODES,
-    OracleCLT,
+from clt_lightning.evaluation.cascade import (
     cascade,
     cascade_table,
     compare_table,
-    decode_rows,
-    run_replaced,
-    token_positions,
     write_cascade_tables,
 )
+from clt_lightning.evaluation.replacement import OracleCLT, decode_rows, run_replaced
+from clt_lightning.evaluation.token_modes import DEFAULT_MODES, mode_positions
 from clt_lightning.evaluation.zeroshot import zero_shot_logits
 from clt_lightning.models.clt import CrossLayerTranscoder
 from clt_lightning.models.sparsifiers import SparsifierConfig
@@ -82,14 +79,14 @@ def naive_embeddings(teacher, clt, images, start, positions) -> torch.Tensor:
 
 
 def test_token_positions():
-    assert token_positions("cls", 17).tolist() == [0]
-    assert token_positions("patches", 17).tolist() == list(range(1, 17))
-    assert token_positions("all", 17).tolist() == list(range(17))
-    assert token_positions([5, 2, 2], 17).tolist() == [2, 5]
+    assert mode_positions("cls", 17).tolist() == [0]
+    assert mode_positions("patches", 17).tolist() == list(range(1, 17))
+    assert mode_positions("all", 17).tolist() == list(range(17))
+    assert mode_positions([5, 2, 2], 17).tolist() == [2, 5]
     with pytest.raises(ConfigError, match="valid"):
-        token_positions("both", 17)
+        mode_positions("both", 17)
     with pytest.raises(ConfigError, match="0..16"):
-        token_positions([17], 17)
+        mode_positions([17], 17)
 
 
 @pytest.mark.parametrize("n_active", [0, 3, 40])
@@ -108,7 +105,7 @@ def test_oracle_reproduces_teacher_for_every_window_and_mode(tiny_teacher, image
     reference = tiny_teacher.encode_image(images)
     ref_logits = zero_shot_logits(reference, *head)
     n_layers = tiny_teacher.n_layers
-    for mode in TOKEN_MODES:
+    for mode in DEFAULT_MODES:
         for start in range(n_layers + 1):
             for stop in range(start, n_layers + 1):
                 emb = run_replaced(tiny_teacher, oracle, images, start, stop, mode)
@@ -120,7 +117,7 @@ def test_oracle_reproduces_teacher_for_every_window_and_mode(tiny_teacher, image
 @torch.no_grad()
 def test_oracle_cascade_equals_baseline(tiny_teacher, images, head):
     labels = torch.randint(0, N_CLASSES, (10,))
-    keep = [(s, m) for s in range(4) for m in TOKEN_MODES]
+    keep = [(s, m) for s in range(4) for m in DEFAULT_MODES]
     result = cascade(
         tiny_teacher,
         OracleCLT(tiny_teacher),
@@ -129,7 +126,7 @@ def test_oracle_cascade_equals_baseline(tiny_teacher, images, head):
         starts=range(4),
         keep=keep,
     )
-    for mode in TOKEN_MODES:
+    for mode in DEFAULT_MODES:
         assert result.accuracy[mode]["top1"] == [result.baseline["top1"]] * 4
         for start in range(4):
             torch.testing.assert_close(
@@ -164,7 +161,7 @@ def test_cascade_shared_prefix_equals_naive_recompute(
 ):
     labels = torch.randint(0, N_CLASSES, (10,))
     starts = list(range(tiny_teacher.n_layers + 1))
-    keep = [(s, m) for s in starts for m in TOKEN_MODES]
+    keep = [(s, m) for s in starts for m in DEFAULT_MODES]
     result = cascade(
         tiny_teacher,
         random_clt,
@@ -177,8 +174,8 @@ def test_cascade_shared_prefix_equals_naive_recompute(
     baseline = result.baseline_embeddings
     torch.testing.assert_close(baseline, tiny_teacher.encode_image(images), atol=1e-6, rtol=0)
     for start in starts:
-        for mode in TOKEN_MODES:
-            positions = token_positions(mode, tiny_teacher.tokens_per_image)
+        for mode in DEFAULT_MODES:
+            positions = mode_positions(mode, tiny_teacher.tokens_per_image)
             expected = naive_embeddings(tiny_teacher, random_clt, images, start, positions)
             got = result.embeddings[(start, mode)]
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)

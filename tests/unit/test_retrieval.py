@@ -21,6 +21,9 @@ from PIL import Image
 from clt_lightning.data.image_datasets import ArrayImageDataset
 from clt_lightning.errors import CacheError, CheckpointMismatchError, ConfigError
 from clt_lightning.evaluation import retrieval as R
+from clt_lightning.evaluation import retrieval_descriptors as RD
+from clt_lightning.evaluation import retrieval_index as RI
+from clt_lightning.evaluation import retrieval_search as RS
 from clt_lightning.evaluation.retrieval_plot import retrieval_grid
 from clt_lightning.models.clt import CrossLayerTranscoder
 from clt_lightning.models.sparsifiers import SparsifierConfig
@@ -80,7 +83,7 @@ def queries(teacher: Teacher) -> ArrayImageDataset:
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory, teacher, clt, corpus) -> R.RetrievalIndex:
+def built(tmp_path_factory, teacher, clt, corpus) -> RS.RetrievalIndex:
     """A cosine Flat index over the corpus (all 3 layers, CLS codes)."""
     out = tmp_path_factory.mktemp("index")
     return R.build_index(teacher, clt, corpus, out, batch_size=8, progress=False)
@@ -118,19 +121,19 @@ def test_aggregation_matches_numpy_token_means(teacher, clt, corpus, aggregation
         aggregation
     ]
     # 7-row blocks split images across encode calls: the per-image sums must still add up
-    got = R.encode_descriptors(clt, x, aggregation, block_rows=7).numpy()
+    got = RD.encode_descriptors(clt, x, aggregation, block_rows=7).numpy()
     assert got.shape == (5, 3, 64)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-    sub = R.encode_descriptors(clt, x, aggregation, layers=[2, 0]).numpy()
+    sub = RD.encode_descriptors(clt, x, aggregation, layers=[2, 0]).numpy()
     np.testing.assert_allclose(sub, expected[:, [2, 0]], rtol=1e-5, atol=1e-6)
     assert np.count_nonzero(expected) > 0
 
 
 def test_descriptors_stream_in_chunks_like_one_chunk(tmp_path, teacher, clt, corpus):
-    small = R.compute_descriptors(
+    small = RD.compute_descriptors(
         teacher, clt, corpus, tmp_path / "a", aggregation="all", batch_size=5, progress=False
     )
-    whole = R.compute_descriptors(
+    whole = RD.compute_descriptors(
         teacher, clt, corpus, tmp_path / "b", aggregation="all", batch_size=64, progress=False
     )
     assert [p.name for p in small.paths] == [f"descriptors_layer_{i:02d}.npy" for i in range(3)]
@@ -142,7 +145,7 @@ def test_descriptors_stream_in_chunks_like_one_chunk(tmp_path, teacher, clt, cor
 
 
 def test_float16_descriptors_are_plain_npy(tmp_path, teacher, clt, corpus):
-    files = R.compute_descriptors(
+    files = RD.compute_descriptors(
         teacher, clt, corpus, tmp_path, layers=[1], dtype="float16", progress=False
     )
     array = np.load(tmp_path / "descriptors_layer_01.npy")
@@ -161,7 +164,7 @@ def test_failed_corpus_pass_leaves_no_files(tmp_path, teacher, clt, corpus):
             return corpus[i]
 
     with pytest.raises(RuntimeError, match="disk on fire"):
-        R.compute_descriptors(teacher, clt, Broken(), tmp_path, batch_size=4, progress=False)
+        RD.compute_descriptors(teacher, clt, Broken(), tmp_path, batch_size=4, progress=False)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -174,7 +177,7 @@ def test_exact_index_equals_brute_force(tmp_path, teacher, clt, corpus, queries,
         teacher, clt, corpus, tmp_path, aggregation="all", similarity=similarity, progress=False
     )
     assert index.manifest["index_type"] == "Flat"
-    query = R.compute_query_descriptors(teacher, clt, _query_batch(queries), "all")
+    query = RD.compute_query_descriptors(teacher, clt, _query_batch(queries), "all")
     results = index.search(query, k=K)
     for position, result in enumerate(results):
         corpus_desc = np.load(tmp_path / f"descriptors_layer_{position:02d}.npy")
@@ -187,13 +190,13 @@ def test_exact_index_equals_brute_force(tmp_path, teacher, clt, corpus, queries,
 
 def test_save_then_load_gives_same_neighbours(built, teacher, clt, corpus, queries):
     before = R.query_image(built, teacher, clt, _query_batch(queries), k=K)
-    loaded = R.RetrievalIndex.load(built.path)  # verifies every file's sha256
+    loaded = RS.RetrievalIndex.load(built.path)  # verifies every file's sha256
     after = R.query_image(loaded, teacher, clt, _query_batch(queries), k=K)
     for a, b in zip(before, after, strict=True):
         np.testing.assert_array_equal(a.ids, b.ids)
         np.testing.assert_array_equal(a.scores, b.scores)
     manifest = json.loads((built.path / "manifest.json").read_text())
-    assert manifest["clt_fingerprint"] == R.clt_fingerprint(clt)
+    assert manifest["clt_fingerprint"] == RD.clt_fingerprint(clt)
     assert manifest["teacher"] == json.loads(json.dumps(teacher.identity()))
     assert manifest["class_names"] == ["red", "green", "blue", "yellow"]
     assert manifest["n_images"] == N_CORPUS and manifest["dim"] == 64
@@ -213,20 +216,22 @@ def test_index_refuses_query_from_another_clt(built, teacher, queries):
     with pytest.raises(CheckpointMismatchError) as error:
         R.query_image(built, teacher, other, _query_batch(queries), k=3)
     message = str(error.value)
-    assert R.clt_fingerprint(other) in message
+    assert RD.clt_fingerprint(other) in message
     assert built.manifest["clt_fingerprint"] in message
     assert "--retrieval.rebuild true" in message
 
 
 def test_index_refuses_other_teacher_and_aggregation(built, teacher, clt, queries):
-    query = R.compute_query_descriptors(teacher, clt, _query_batch(queries), "cls")
+    query = RD.compute_query_descriptors(teacher, clt, _query_batch(queries), "cls")
     bf16 = dict(query.teacher, precision="bf16")
     with pytest.raises(CheckpointMismatchError, match="precision: index 'fp32' vs query 'bf16'"):
         built.search(
-            R.QueryDescriptors(query.descriptors, query.layers, "cls", query.clt_fingerprint, bf16),
+            RD.QueryDescriptors(
+                query.descriptors, query.layers, "cls", query.clt_fingerprint, bf16
+            ),
             3,
         )
-    patches = R.compute_query_descriptors(teacher, clt, _query_batch(queries), "patches")
+    patches = RD.compute_query_descriptors(teacher, clt, _query_batch(queries), "patches")
     with pytest.raises(
         CheckpointMismatchError, match="aggregation: index built with 'cls', requested 'patches'"
     ):
@@ -234,7 +239,7 @@ def test_index_refuses_other_teacher_and_aggregation(built, teacher, clt, querie
 
 
 def test_k_larger_than_corpus_and_bad_queries(built, teacher, clt, queries):
-    query = R.compute_query_descriptors(teacher, clt, _query_batch(queries), "cls")
+    query = RD.compute_query_descriptors(teacher, clt, _query_batch(queries), "cls")
     assert built.search(query, k=1000)[0].ids.shape == (6, N_CORPUS)
     with pytest.raises(ConfigError, match="k=0"):
         built.search(query, k=0)
@@ -250,65 +255,67 @@ def test_corrupt_index_file_is_named(tmp_path, built):
         handle.seek(100)
         handle.write(b"\x00\x01\x02")
     with pytest.raises(CacheError, match="layer_01.faiss fails its sha256"):
-        R.RetrievalIndex.load(copy)
+        RS.RetrievalIndex.load(copy)
     (copy / "manifest.json").unlink()
     with pytest.raises(FileNotFoundError, match="manifest.json missing"):
-        R.RetrievalIndex.load(copy)
+        RS.RetrievalIndex.load(copy)
 
 
 @pytest.mark.parametrize("factory", ["Flat", "IVF4,SQ8", "IVF4,PQ8x4", "PQ4"])
 def test_chunked_add_builds_the_same_index(factory):
     descriptors = np.random.default_rng(0).random((300, 32)).astype(np.float32)
-    plan = R.IndexPlan(factory, None, R._default_nprobe(factory))
-    one = R.build_layer_index(descriptors, plan, "cosine", use_gpu=False)
-    chunked = R.build_layer_index(descriptors, plan, "cosine", chunk_rows=7, use_gpu=False)
+    plan = RI.IndexPlan(factory, None, RI.default_nprobe(factory))
+    one = RI.build_layer_index(descriptors, plan, "cosine", use_gpu=False)
+    chunked = RI.build_layer_index(descriptors, plan, "cosine", chunk_rows=7, use_gpu=False)
     assert one.ntotal == chunked.ntotal == 300
     assert faiss.serialize_index(one).tobytes() == faiss.serialize_index(chunked).tobytes()
 
 
 def test_trained_index_uses_a_bounded_sample(monkeypatch):
     descriptors = np.random.default_rng(0).random((500, 16)).astype(np.float32)
-    monkeypatch.setattr(R, "TRAIN_SAMPLE_BYTES", 100 * 16 * 4)
-    sample = R.train_sample(descriptors, R.TRAIN_SAMPLE_BYTES, seed=3)
+    monkeypatch.setattr(RI, "TRAIN_SAMPLE_BYTES", 100 * 16 * 4)
+    sample = RI.train_sample(descriptors, RI.TRAIN_SAMPLE_BYTES, seed=3)
     assert sample.shape == (100, 16)
     assert np.isin(sample[:, 0], descriptors[:, 0]).all()
-    index = R.build_layer_index(descriptors, R.IndexPlan("IVF2,Flat", None, 2), "l2", use_gpu=False)
+    index = RI.build_layer_index(
+        descriptors, RI.IndexPlan("IVF2,Flat", None, 2), "l2", use_gpu=False
+    )
     assert index.is_trained and index.ntotal == 500
 
 
 def test_choose_index_type_thresholds():
     n, dim = 1000, 512
-    assert R.choose_index_type(n, dim, n * dim * 4) == "Flat"
-    assert R.choose_index_type(n, dim, n * dim * 4 - 1) == "SQfp16"
-    assert R.choose_index_type(n, dim, n * dim * 2) == "SQfp16"
-    compressed = R.choose_index_type(n, dim, n * dim * 2 - 1)
+    assert RI.choose_index_type(n, dim, n * dim * 4) == "Flat"
+    assert RI.choose_index_type(n, dim, n * dim * 4 - 1) == "SQfp16"
+    assert RI.choose_index_type(n, dim, n * dim * 2) == "SQfp16"
+    compressed = RI.choose_index_type(n, dim, n * dim * 2 - 1)
     assert compressed.startswith("IVF25,PQ") and compressed.endswith("x4")  # n/39 lists, 4 bits
     big_n = 50_000
-    factory = R.choose_index_type(big_n, 12_288, 256 * 2**20)
+    factory = RI.choose_index_type(big_n, 12_288, 256 * 2**20)
     nlist, m = map(int, factory.replace("IVF", "").split(",PQ"))
-    n_train = R.TRAIN_SAMPLE_BYTES // (4 * 12_288)  # 21,845 rows: at most 560 lists of 39
+    n_train = RI.TRAIN_SAMPLE_BYTES // (4 * 12_288)  # 21,845 rows: at most 560 lists of 39
     assert nlist == min(round(4 * big_n**0.5), n_train // 39) == 560
     assert 12_288 % m == 0 and m == 256
-    assert R.choose_index_type(10**6, 256, 2**20 * 100).startswith("IVF4000,")  # 4 sqrt(n)
-    assert R.estimate_index_bytes(factory, big_n, 12_288) <= 256 * 2**20
-    tight = R.choose_index_type(big_n, 12_288, 45 * 2**20)
+    assert RI.choose_index_type(10**6, 256, 2**20 * 100).startswith("IVF4000,")  # 4 sqrt(n)
+    assert RI.estimate_index_bytes(factory, big_n, 12_288) <= 256 * 2**20
+    tight = RI.choose_index_type(big_n, 12_288, 45 * 2**20)
     assert (
         int(tight.split("PQ")[1]) < 256
-        and R.estimate_index_bytes(tight, big_n, 12_288) <= 45 * 2**20
+        and RI.estimate_index_bytes(tight, big_n, 12_288) <= 45 * 2**20
     )
     with pytest.raises(ConfigError, match="too small"):
-        R.choose_index_type(big_n, 12_288, 2**20)
-    faiss_index = R.new_index(factory, 12_288)  # FAISS accepts what we choose
+        RI.choose_index_type(big_n, 12_288, 2**20)
+    faiss_index = RI.new_index(factory, 12_288)  # FAISS accepts what we choose
     assert faiss_index.d == 12_288
 
 
 def test_estimate_index_bytes():
-    assert R.estimate_index_bytes("Flat", 10, 8) == 320
-    assert R.estimate_index_bytes("SQfp16", 10, 8) == 160
-    assert R.estimate_index_bytes("IVF4,PQ2", 10, 8) == 4 * 8 * 4 + 10 * (2 + 8) + 256 * 8 * 4
-    assert R.estimate_index_bytes("HNSW32", 10, 8) is None
-    plan = R.plan_index(10, 8, 1000, index_type="IVF2,Flat")
-    assert plan == R.IndexPlan("IVF2,Flat", 2 * 8 * 4 + 10 * (32 + 8), 1)
+    assert RI.estimate_index_bytes("Flat", 10, 8) == 320
+    assert RI.estimate_index_bytes("SQfp16", 10, 8) == 160
+    assert RI.estimate_index_bytes("IVF4,PQ2", 10, 8) == 4 * 8 * 4 + 10 * (2 + 8) + 256 * 8 * 4
+    assert RI.estimate_index_bytes("HNSW32", 10, 8) is None
+    plan = RI.plan_index(10, 8, 1000, index_type="IVF2,Flat")
+    assert plan == RI.IndexPlan("IVF2,Flat", 2 * 8 * 4 + 10 * (32 + 8), 1)
 
 
 def test_bad_settings_are_named(tmp_path, teacher, clt, corpus):
@@ -386,14 +393,14 @@ def test_build_and_query_needs_exactly_one_query(tmp_path, teacher, clt, corpus)
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not R.gpu_available(), reason="needs a FAISS GPU build and a GPU")
+@pytest.mark.skipif(not RI.gpu_available(), reason="needs a FAISS GPU build and a GPU")
 def test_gpu_index_matches_cpu():
     descriptors = np.random.default_rng(0).random((2000, 256)).astype(np.float32)
-    plan = R.IndexPlan("Flat", None, None)
-    cpu = R.build_layer_index(descriptors, plan, "cosine", use_gpu=False)
-    gpu = R.build_layer_index(descriptors, plan, "cosine", use_gpu=True)
-    query = R.prepare_vectors(descriptors[:50], "cosine")
-    gpu_search, on_gpu = R.to_search_device(gpu, True)
+    plan = RI.IndexPlan("Flat", None, None)
+    cpu = RI.build_layer_index(descriptors, plan, "cosine", use_gpu=False)
+    gpu = RI.build_layer_index(descriptors, plan, "cosine", use_gpu=True)
+    query = RI.prepare_vectors(descriptors[:50], "cosine")
+    gpu_search, on_gpu = RI.to_search_device(gpu, True)
     assert on_gpu
     (d_cpu, i_cpu), (d_gpu, i_gpu) = cpu.search(query, 10), gpu_search.search(query, 10)
     np.testing.assert_array_equal(i_cpu, i_gpu)
@@ -415,9 +422,9 @@ def test_damaged_index_manifest_names_the_field(tmp_path, built, edit, field):
     TypeError at search time)."""
     copy = tmp_path / "index"
     shutil.copytree(built.path, copy)
-    path = copy / R.MANIFEST_NAME
+    path = copy / RS.MANIFEST_NAME
     manifest = json.loads(path.read_text())
     edit(manifest)
     path.write_text(json.dumps(manifest))
     with pytest.raises(CacheError, match=rf"manifest {re.escape(str(path))}: field '{field}'"):
-        R.RetrievalIndex.load(copy)
+        RS.RetrievalIndex.load(copy)

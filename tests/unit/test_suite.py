@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from clt_lightning.evaluation import ablations, contributions, replacement, suite, zeroshot
+from clt_lightning.evaluation import ablations, cascade, contributions, suite, zeroshot
 from clt_lightning.evaluation.faithfulness import TABLE5_WINDOWS, table5_windows
 from clt_lightning.models.clt import CrossLayerTranscoder
 from clt_lightning.models.sparsifiers import SparsifierConfig
@@ -44,7 +44,7 @@ def _four_passes(teacher, clt, dataset, config: suite.EvaluationConfig) -> dict:
     classifier = zeroshot.build_classifier(teacher, CLASSES, templates)
     scale = zeroshot.logit_scale_of(teacher)
     windows = suite.default_windows(teacher.n_layers, None, config.modes)
-    result = replacement.cascade(
+    result = cascade.cascade(
         teacher, clt, loader, classifier, scale, modes=config.modes, keep=windows
     )
     scores = contributions.contribution_scores(teacher, clt, loader)

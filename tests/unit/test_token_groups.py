@@ -11,9 +11,10 @@ import torch
 from clt_lightning.data.cache_writer import write_cache
 from clt_lightning.errors import ConfigError
 from clt_lightning.evaluation.contributions import contribution_scores, token_projection_scores
-from clt_lightning.evaluation.replacement import run_replaced, token_positions
+from clt_lightning.evaluation.replacement import run_replaced
 from clt_lightning.evaluation.retrieval_descriptors import encode_descriptors
 from clt_lightning.evaluation.suite import reconstruction_metrics
+from clt_lightning.evaluation.token_modes import mode_positions
 from clt_lightning.models.clt import CrossLayerTranscoder
 from clt_lightning.models.sparsifiers import SparsifierConfig
 from clt_lightning.teacher import Teacher, TeacherConfig
@@ -98,7 +99,7 @@ def test_replacing_registers_equals_library_forward_with_hooks(
         handle.remove()
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert not torch.allclose(got, registers_teacher.encode_image(images), atol=1e-4)
-    assert token_positions("registers", registers_teacher.token_layout).tolist() == [1, 2, 3, 4]
+    assert mode_positions("registers", registers_teacher.token_layout).tolist() == [1, 2, 3, 4]
 
 
 def test_contributions_and_reconstruction_have_a_registers_group(

@@ -1,4 +1,5 @@
-"""Table helpers shared by the evaluation modules (Markdown and CSV, written atomically)."""
+"""Result tables of the evaluations: Markdown and CSV from a list of dict rows, written
+atomically (undefined cells: "–" in Markdown, empty in CSV)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,6 @@ from typing import Any
 
 from clt_lightning.evaluation.undefined import DASH, is_defined
 from clt_lightning.files import atomic_write_bytes
-
-__all__ = ["atomic_write_bytes", "rows_to_csv", "rows_to_markdown", "write_csv", "write_markdown"]
 
 
 def _fmt(value: Any, digits: int) -> str:
