@@ -14,8 +14,9 @@ import torch
 from lightning.fabric.utilities import cloud_io
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from clt_lightning.checkpointing import AtomicCheckpointIO, CLTCheckpoint, temp_path
+from clt_lightning.checkpointing import AtomicCheckpointIO, CLTCheckpoint
 from clt_lightning.errors import ConfigError, DiskSpaceError
+from clt_lightning.files import temp_path
 from clt_lightning.loggers import ResumableCSVLogger, default_loggers
 from clt_lightning.models.sparsifiers import SparsifierConfig
 from clt_lightning.module import CLTModule
@@ -92,15 +93,16 @@ def test_lightning_default_commits_from_the_system_temp_folder(tmp_path, monkeyp
     assert staged[0] != path.parent
 
 
-def test_last_ckpt_holds_the_final_step_and_each_epoch_end(tmp_path):
+def test_last_ckpt_holds_the_final_step_and_each_epoch_end(tmp_path, monkeypatch):
     saved = []
+    trainer = make_trainer(tmp_path, max_epochs=2, callbacks=[CLTCheckpoint(every_n_train_steps=3)])
+    save = trainer.save_checkpoint
 
-    class Spy(CLTCheckpoint):
-        def _save_checkpoint(self, trainer, filepath):
-            saved.append((trainer.global_step, Path(filepath).name))
-            super()._save_checkpoint(trainer, filepath)
+    def spy(filepath, *args, **kwargs):  # every checkpoint write goes through it
+        saved.append((trainer.global_step, Path(filepath).name))
+        save(filepath, *args, **kwargs)
 
-    trainer = make_trainer(tmp_path, max_epochs=2, callbacks=[Spy(every_n_train_steps=3)])
+    monkeypatch.setattr(trainer, "save_checkpoint", spy)
     trainer.fit(_model(), PlantedData(n_train=5))
     # steps 3, 6, 9 from the interval, 5 at the first epoch end, 10 at the end of fit
     assert saved == [(s, "last.ckpt") for s in (3, 5, 6, 9, 10)]
