@@ -1,5 +1,11 @@
 """A tiny CLIP trained on scikit-learn's digits: the offline teacher for the quickstart.
 
+`python -m experiments.digits_teacher --out DIR` builds (or reuses) it; `make quickstart`
+calls `ensure_digits_teacher`. The digits dataset itself (`digits` in
+`clt_lightning.data.datasets`) and the caption templates (`DIGIT_TEMPLATES` in
+`clt_lightning.evaluation.zeroshot`) are the package's: the pipeline evaluates the teacher
+on them. This file holds only the training, which nothing in the package uses.
+
 Pretrained CLIP weights need a download, so the offline quickstart trains its own teacher:
 open_clip's `CLIP` class at a small size, trained contrastively on the 1,797 real 8x8
 handwritten digits that ship inside scikit-learn, with class-name captions built from
@@ -23,7 +29,7 @@ Design decisions:
 - Training runs a fixed number of epochs (never a time budget) from a fixed seed, inside
   `torch.random.fork_rng` so the caller's random state is untouched; the same seed,
   settings and thread count give the same weights.
-- Files are written atomically (temp file in the same folder, fsync, `os.replace`);
+- Files are written atomically (`clt_lightning.files.atomic_write_bytes`);
   `teacher.json` is written last and records sha256 hashes of the weights and config, the
   settings that made them and the measured accuracy. A later call reuses the files only if
   the record matches the requested settings and both hashes check out; otherwise it
@@ -62,38 +68,15 @@ from clt_lightning.data.datasets import (
     digits_split,
 )
 from clt_lightning.errors import CLTError, ConfigError, NonFiniteLossError
+from clt_lightning.evaluation.zeroshot import DIGIT_TEMPLATES, zero_shot_logits
 from clt_lightning.files import atomic_write_bytes
+from clt_lightning.hashing import file_sha256
+from clt_lightning.module import lr_factor
 
 if TYPE_CHECKING:
     from clt_lightning.teacher import TeacherConfig
 
 logger = logging.getLogger(__name__)
-
-__all__ = [
-    "DEFAULT_CACHE_DIR",
-    "DEFAULT_MODEL_CONFIG",
-    "DIGIT_CLASS_NAMES",
-    "DIGIT_TEMPLATES",
-    "DigitsTeacher",
-    "TeacherAccuracyError",
-    "TrainSettings",
-    "digits_split",
-    "ensure_digits_teacher",
-    "load_digits_clip",
-    "train_digits_clip",
-    "zero_shot_accuracy",
-    "zero_shot_logits",
-]
-
-DIGIT_TEMPLATES: list[str] = [
-    "a photo of the digit {}.",
-    "a handwritten {}.",
-    "a photo of the number {}.",
-    "a low resolution photo of the digit {}.",
-    "a white {} on a black background.",
-    "a pixelated handwritten digit {}.",
-]
-"""Caption templates: used for the training captions and for the zero-shot classifier."""
 
 DEFAULT_CACHE_DIR = Path(".cache/teachers/digits-clip")
 """Where `ensure_digits_teacher` keeps the teacher (relative to the working directory)."""
@@ -306,7 +289,7 @@ def build_tokenizer(model_config: dict[str, Any]) -> open_clip.SimpleTokenizer:
     return open_clip.SimpleTokenizer(context_length=model_config["text_cfg"]["context_length"])
 
 
-def zero_shot_logits(
+def template_ensemble_logits(
     model: open_clip.CLIP,
     tokenizer: Callable[[list[str]], Tensor],
     images: Tensor,
@@ -314,7 +297,8 @@ def zero_shot_logits(
     templates: Sequence[str],
     batch_size: int = 512,
 ) -> Tensor:
-    """Zero-shot logits: scaled cosine similarity to the template-averaged class embeddings.
+    """Zero-shot logits of an open_clip CLIP: open_clip's template-ensemble classifier and
+    `clt_lightning.evaluation.zeroshot.zero_shot_logits` (no cache, no `Teacher` needed).
 
     Args:
         model: open_clip CLIP (used as is: call `model.eval()` first for eval-mode numbers).
@@ -331,9 +315,8 @@ def zero_shot_logits(
         classifier = open_clip.build_zero_shot_classifier(
             model, tokenizer, class_names, templates, num_classes_per_batch=None
         )  # [E, C], unit columns
-        scale = model.logit_scale.exp()
         logits = [
-            scale * model.encode_image(chunk, normalize=True) @ classifier
+            zero_shot_logits(model.encode_image(chunk), classifier, model.logit_scale)
             for chunk in images.split(batch_size)
         ]
     return torch.cat(logits)
@@ -348,7 +331,7 @@ def zero_shot_accuracy(
     templates: Sequence[str],
     batch_size: int = 512,
 ) -> float:
-    """Top-1 zero-shot accuracy (see `zero_shot_logits` for the arguments).
+    """Top-1 zero-shot accuracy (see `template_ensemble_logits` for the arguments).
 
     Args:
         model: open_clip CLIP, in eval mode.
@@ -362,7 +345,7 @@ def zero_shot_accuracy(
     Returns:
         Fraction of images whose highest logit is their label.
     """
-    logits = zero_shot_logits(model, tokenizer, images, class_names, templates, batch_size)
+    logits = template_ensemble_logits(model, tokenizer, images, class_names, templates, batch_size)
     labels = torch.as_tensor(labels)
     return (logits.argmax(dim=1) == labels).double().mean().item()
 
@@ -406,12 +389,11 @@ def _optimizer(model: open_clip.CLIP, settings: TrainSettings) -> torch.optim.Ad
     return torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.98), eps=1e-6)
 
 
-def _lr_factor(step: int, total: int, warmup_fraction: float) -> float:
-    """Linear warmup then cosine decay to zero."""
-    warmup = max(1, round(total * warmup_fraction))
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+def lr_at(step: int, total: int, settings: TrainSettings) -> float:
+    """Learning rate of a step: `lr_factor`'s linear warm-up over `warmup_fraction` of the
+    steps, then cosine decay to zero."""
+    warmup = max(1, round(total * settings.warmup_fraction))
+    return settings.lr * lr_factor(step, warmup, total, "cosine", 0.0)
 
 
 @dataclass
@@ -463,9 +445,8 @@ def _train_epoch(
     order = torch.randperm(len(data.train_labels), generator=generator)
     losses = []
     for i, batch in enumerate(order[: n_steps * settings.batch_size].view(n_steps, -1)):
-        factor = _lr_factor(first_step + i, total_steps, settings.warmup_fraction)
         for group in optimizer.param_groups:
-            group["lr"] = settings.lr * factor
+            group["lr"] = lr_at(first_step + i, total_steps, settings)
         images = random_affine(data.train_images[batch], data.background, settings, generator)
         loss = contrastive_loss(
             model.encode_image(images, normalize=True),
@@ -533,10 +514,6 @@ def train_digits_clip(
 # ----------------------------------------------------------------------------- cache folder
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2) + "\n").encode()
 
@@ -575,7 +552,7 @@ def _load_cached(folder: Path, recipe: dict[str, Any]) -> dict[str, Any] | None:
         return None
     for name, key in ((MODEL_CONFIG_FILE, "model_config_sha256"), (WEIGHTS_FILE, "weights_sha256")):
         path = folder / name
-        if not path.exists() or _sha256(path) != record.get(key):
+        if not path.exists() or file_sha256(path) != record.get(key):
             logger.warning("%s is missing or corrupt (sha256 mismatch); retraining", path)
             return None
     return record
@@ -588,8 +565,8 @@ def _save(folder: Path, model: open_clip.CLIP, record: dict[str, Any]) -> None:
     atomic_write_bytes(folder / MODEL_CONFIG_FILE, _json_bytes(record["recipe"]["model_config"]))
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     atomic_write_bytes(folder / WEIGHTS_FILE, save(state, metadata={"format": "pt"}))
-    record["model_config_sha256"] = _sha256(folder / MODEL_CONFIG_FILE)
-    record["weights_sha256"] = _sha256(folder / WEIGHTS_FILE)
+    record["model_config_sha256"] = file_sha256(folder / MODEL_CONFIG_FILE)
+    record["weights_sha256"] = file_sha256(folder / WEIGHTS_FILE)
     atomic_write_bytes(folder / RECORD_FILE, _json_bytes(record))
 
 
@@ -627,25 +604,7 @@ def ensure_digits_teacher(
     record = None if force else _load_cached(folder, recipe)
     trained = record is None
     if record is None:
-        logger.info("training the digits teacher into %s (seed %d)", folder, seed)
-        start = time.perf_counter()
-        model, accuracy = train_digits_clip(
-            recipe["model_config"], TrainSettings(**recipe["settings"]), seed, progress
-        )
-        record = {
-            "recipe": recipe,
-            "val_zero_shot_accuracy": accuracy,
-            "train_seconds": round(time.perf_counter() - start, 2),
-            "torch_version": torch.__version__,
-            "open_clip_version": open_clip.__version__,
-        }
-        _check_accuracy(accuracy, min_accuracy, folder)
-        _save(folder, model, record)
-        logger.info(
-            "digits teacher: val zero-shot accuracy %.4f after %.1f s",
-            accuracy,
-            record["train_seconds"],
-        )
+        record = _train_and_save(folder, recipe, min_accuracy, progress)
     else:
         logger.info("reusing the digits teacher in %s", folder)
         _check_accuracy(record["val_zero_shot_accuracy"], min_accuracy, folder)
@@ -657,6 +616,33 @@ def ensure_digits_teacher(
         seed=seed,
         trained=trained,
     )
+
+
+def _train_and_save(
+    folder: Path, recipe: dict[str, Any], min_accuracy: float, progress: bool
+) -> dict[str, Any]:
+    """Train the teacher of `recipe`, check its accuracy, write the folder; the record."""
+    seed = recipe["seed"]
+    logger.info("training the digits teacher into %s (seed %d)", folder, seed)
+    start = time.perf_counter()
+    model, accuracy = train_digits_clip(
+        recipe["model_config"], TrainSettings(**recipe["settings"]), seed, progress
+    )
+    record = {
+        "recipe": recipe,
+        "val_zero_shot_accuracy": accuracy,
+        "train_seconds": round(time.perf_counter() - start, 2),
+        "torch_version": torch.__version__,
+        "open_clip_version": open_clip.__version__,
+    }
+    _check_accuracy(accuracy, min_accuracy, folder)
+    _save(folder, model, record)
+    logger.info(
+        "digits teacher: val zero-shot accuracy %.4f after %.1f s",
+        accuracy,
+        record["train_seconds"],
+    )
+    return record
 
 
 def _check_accuracy(accuracy: float, min_accuracy: float, folder: Path) -> None:
@@ -676,7 +662,7 @@ def load_digits_clip(teacher: DigitsTeacher) -> open_clip.CLIP:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m clt_lightning.offline_teacher --out DIR`: build (or reuse) the teacher."""
+    """`python -m experiments.digits_teacher --out DIR`: build (or reuse) the teacher."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(DEFAULT_CACHE_DIR), help="cache folder")
     parser.add_argument("--seed", type=int, default=0, help="training seed")

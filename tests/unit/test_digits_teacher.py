@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
-from clt_lightning import offline_teacher as ot
 from clt_lightning.data.datasets import DatasetConfig, build_dataset
 from clt_lightning.teacher import Teacher, TeacherConfig
+from experiments import digits_teacher as ot
 
 TINY_CONFIG = Path(__file__).parents[1] / "fixtures" / "tiny-vit.json"
 # Two optimiser steps of the tiny fixture model: enough to exercise every code path.
@@ -151,7 +151,7 @@ def test_zero_shot_logits_match_a_manual_template_ensemble(tiny_config: dict) ->
             * F.normalize(model.encode_image(images), dim=-1)
             @ torch.stack(columns, 1)
         )
-    logits = ot.zero_shot_logits(model, tokenizer, images, names, templates)
+    logits = ot.template_ensemble_logits(model, tokenizer, images, names, templates)
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
     labels = torch.tensor([0, 1, 2, 0, 1])
     accuracy = ot.zero_shot_accuracy(model, tokenizer, images, labels, names, templates)
@@ -176,8 +176,8 @@ def test_saved_teacher_round_trips_through_teacher_config(
     images, labels = ot.load_digits("val", loaded.preprocess)
     tokenizer = ot.build_tokenizer(tiny_config)
     args = (images, ot.DIGIT_CLASS_NAMES, ot.DIGIT_TEMPLATES)
-    logits = ot.zero_shot_logits(model, tokenizer, *args)
-    assert torch.equal(logits, ot.zero_shot_logits(loaded.clip, loaded.tokenizer, *args))
+    logits = ot.template_ensemble_logits(model, tokenizer, *args)
+    assert torch.equal(logits, ot.template_ensemble_logits(loaded.clip, loaded.tokenizer, *args))
     accuracy = (logits.argmax(1) == labels).double().mean().item()
     assert accuracy == teacher.accuracy  # the recorded accuracy is the pipeline's accuracy
 
