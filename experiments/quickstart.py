@@ -146,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         kwargs = {"min_accuracy": opts.min_teacher_accuracy}
         if opts.teacher_epochs is not None:
-            from experiments.digits_teacher import TrainSettings
+            from experiments.digits_clip import TrainSettings
 
             kwargs["settings"] = TrainSettings(epochs=opts.teacher_epochs)
         ensure_digits_teacher(opts.teacher_dir, **kwargs)
