@@ -223,6 +223,38 @@ def test_rows_the_resumed_run_logs_again_are_replaced(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_a_run_killed_before_its_first_save_loses_no_rows(tmp_path):
+    """New behaviour of the public-API logger: the old rows wait in metrics.csv.resume
+    until the first save, so a run killed in between leaves them for the next resume."""
+    old = ResumableCSVLogger(tmp_path, name="", version="")
+    for step in range(6):
+        old.log_metrics({"train/loss": 10.0 + step}, step=step)
+    old.save()
+    killed = ResumableCSVLogger(tmp_path, name="", version="")
+    killed.log_metrics({"train/loss": 99.0}, step=4)  # starts the writer; never saved
+    assert not (tmp_path / "metrics.csv").exists()
+    new = ResumableCSVLogger(tmp_path, name="", version="")
+    new.log_metrics({"train/loss": 24.0}, step=4)
+    new.save()
+    rows = read_metrics(tmp_path)
+    assert [(int(r["step"]), float(r["train/loss"])) for r in rows] == [
+        (0, 10.0), (1, 11.0), (2, 12.0), (3, 13.0), (4, 24.0)
+    ]  # fmt: skip
+    assert not (tmp_path / "metrics.csv.resume").exists()
+
+
+def test_a_run_that_logs_nothing_puts_the_log_back(tmp_path):
+    old = ResumableCSVLogger(tmp_path, name="", version="")
+    old.log_metrics({"train/loss": 1.0}, step=0)
+    old.save()
+    before = (tmp_path / "metrics.csv").read_text()
+    idle = ResumableCSVLogger(tmp_path, name="", version="")
+    idle.experiment  # noqa: B018 - starts the writer, as a Trainer does
+    idle.finalize("success")
+    assert (tmp_path / "metrics.csv").read_text() == before
+    assert not (tmp_path / "metrics.csv.resume").exists()
+
+
 def test_a_fresh_run_in_the_same_folder_replaces_the_log(tmp_path):
     old = ResumableCSVLogger(tmp_path, name="", version="")
     old.log_metrics({"train/old_metric": 1.0}, step=7)
