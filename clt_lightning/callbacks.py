@@ -10,6 +10,7 @@ logger gets the scalars).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,16 @@ def _run_info(trainer: L.Trainer) -> RunInfo:
         dataset=datamodule.dataset_config.name,
         backbone=backbone_tag(None if config.model_config else config.model_name),
     )
+
+
+def run_on_rank_zero(trainer: L.Trainer, barrier: str, work: Callable[[], None]) -> None:
+    """Run `work` on global rank zero while the other ranks wait at `barrier`, so DDP
+    stays in step; nothing under `fast_dev_run` (a smoke test of the training loop)."""
+    if trainer.fast_dev_run:
+        return
+    if trainer.is_global_zero:
+        work()
+    trainer.strategy.barrier(barrier)
 
 
 class EvaluationCallback(Callback):
@@ -96,22 +107,21 @@ class EvaluationCallback(Callback):
         config: EvaluationConfig,
         prefix: str,
     ) -> None:
-        if trainer.sanity_checking or trainer.fast_dev_run:
-            return
-        if trainer.is_global_zero:
-            with torch.random.fork_rng(devices=_cuda_devices(pl_module)):
-                payloads = self._evaluate(trainer, pl_module, config)
-            folder = Path(config.output_dir)
-            scalars = dashboard.scalar_metrics(payloads, prefix)
-            scalars[f"{prefix}/epoch"] = float(trainer.current_epoch)
-            scalars.update(
-                dashboard.dead_latent_metrics(pl_module.clt.sparsifier.dead_mask(), prefix)
-            )
-            panels = {}
-            if any(isinstance(lg, WandbLogger) for lg in trainer.loggers):
-                panels = dashboard.wandb_panels(payloads, folder, prefix)
-            dashboard.log_evaluation(trainer.loggers, scalars, panels, trainer.global_step)
-        trainer.strategy.barrier("clt_evaluation")
+        """Evaluate on global rank zero and log under `prefix` (the other ranks wait)."""
+        work = lambda: self._evaluate_and_log(trainer, pl_module, config, prefix)  # noqa: E731
+        run_on_rank_zero(trainer, "clt_evaluation", work)
+
+    def _evaluate_and_log(self, trainer, pl_module, config, prefix) -> None:  # as `_run`
+        with torch.random.fork_rng(devices=_cuda_devices(pl_module)):
+            payloads = self._evaluate(trainer, pl_module, config)
+        folder = Path(config.output_dir)
+        scalars = dashboard.scalar_metrics(payloads, prefix)
+        scalars[f"{prefix}/epoch"] = float(trainer.current_epoch)
+        scalars.update(dashboard.dead_latent_metrics(pl_module.clt.sparsifier.dead_mask(), prefix))
+        panels = {}
+        if any(isinstance(lg, WandbLogger) for lg in trainer.loggers):
+            panels = dashboard.wandb_panels(payloads, folder, prefix)
+        dashboard.log_evaluation(trainer.loggers, scalars, panels, trainer.global_step)
 
     def _evaluate(
         self, trainer: L.Trainer, pl_module: L.LightningModule, config: EvaluationConfig
@@ -186,11 +196,7 @@ class RetrievalCallback(Callback):
         return f"{type(self).__qualname__}[aggregation={self.aggregation}]"
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.fast_dev_run:
-            return
-        if trainer.is_global_zero:
-            self._build_and_log(trainer, pl_module)
-        trainer.strategy.barrier("clt_retrieval")
+        run_on_rank_zero(trainer, "clt_retrieval", lambda: self._build_and_log(trainer, pl_module))
 
     def _build_and_log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from clt_lightning.evaluation.retrieval import build_and_query

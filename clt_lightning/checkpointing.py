@@ -38,12 +38,14 @@ import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from weakref import proxy
 
 import lightning as L
 import torch
-from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from fsspec.utils import get_protocol
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
 
 from clt_lightning.checkpoint_contents import (
     check_structure,
@@ -55,7 +57,7 @@ from clt_lightning.errors import (
     ConfigError,
     DataNotFoundError,
 )
-from clt_lightning.files import atomic_write_stream, temp_path  # noqa: F401 (temp_path: API)
+from clt_lightning.files import atomic_write_stream
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +115,11 @@ def check_progress_counters(checkpoint: dict[str, Any]) -> None:
         )
 
 
+def is_local_path(path: str | Path) -> bool:
+    """Whether `path` is on the local file system (no `s3://`, `gs://`, ... protocol)."""
+    return get_protocol(str(path)) == "file"
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """TorchCheckpointIO that writes local checkpoints via a same-folder temp file.
 
@@ -127,7 +134,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         Raises:
             DiskSpaceError: The device filled up; the previous file at `path` is intact.
         """
-        if not _is_local_file_protocol(path):
+        if not is_local_path(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         if storage_options is not None:
@@ -158,7 +165,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 with `state_dict` and `clt_shape`.
         """
         refuse_unsafe_loading(weights_only)
-        if not _is_local_file_protocol(path):
+        if not is_local_path(path):
             return check_structure(path, super().load_checkpoint(path, map_location, True))
         return read_checkpoint(path, map_location)
 
@@ -233,6 +240,7 @@ class CLTCheckpoint(ModelCheckpoint):
             **kwargs,
         )
         self.overwrite = overwrite
+        self.saved_step = 0  # global step of the last checkpoint written (0: no step yet)
 
     def checkpoint_dir(self, trainer: L.Trainer) -> Path:
         """The folder the checkpoints go to (before `setup` resolves `dirpath`: the
@@ -273,10 +281,37 @@ class CLTCheckpoint(ModelCheckpoint):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.check_fresh_start(trainer, trainer.ckpt_path)
 
-    def _save_last_now(self, trainer: L.Trainer) -> None:
-        """Write last.ckpt unless this global step is already saved."""
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self.saved_step = trainer.global_step  # every save (ours or ModelCheckpoint's)
+
+    def save_last_now(self, trainer: L.Trainer) -> None:
+        """Write last.ckpt during fit unless a checkpoint of this global step was written.
+
+        `trainer.save_checkpoint` calls every callback's `on_save_checkpoint`, which
+        records the step: ModelCheckpoint's own saves (every n steps) count too, so a step
+        is never written twice. Nothing is written before the first step (as
+        ModelCheckpoint), in sanity checking, with `fast_dev_run` or outside `fit`.
+        """
+        if (
+            not self.save_last
+            or trainer.fast_dev_run
+            or trainer.sanity_checking
+            or trainer.state.fn != TrainerFn.FITTING
+            or self.saved_step == trainer.global_step
+        ):
+            return
+        metrics = {
+            **trainer.callback_metrics,
+            "epoch": torch.tensor(trainer.current_epoch),
+            "step": torch.tensor(trainer.global_step),
+        }
+        self.last_model_path = self.format_checkpoint_name(metrics, self.CHECKPOINT_NAME_LAST)
+        trainer.save_checkpoint(self.last_model_path, self.save_weights_only)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
 
     def on_train_batch_end(
         self,
@@ -288,20 +323,14 @@ class CLTCheckpoint(ModelCheckpoint):
     ) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if stops_mid_epoch(trainer, batch_idx):
-            self._save_last_now(trainer)
+            self.save_last_now(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
-            self._save_last_now(trainer)
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_validation_end(trainer, pl_module)
-        if not self._should_save_on_train_epoch_end(trainer):
-            self._save_last_now(trainer)
+        self.save_last_now(trainer)  # after the epoch's validation: the end-of-epoch state
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._save_last_now(trainer)
+        self.save_last_now(trainer)  # replaces ModelCheckpoint's (only if none was saved)
 
 
 def stops_mid_epoch(trainer: L.Trainer, batch_idx: int) -> bool:

@@ -149,6 +149,11 @@ class CLTLightningCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
+        # The extra subcommands are Trainer methods taking `model` and `datamodule`, unused
+        # by most, because LightningCLI builds the model, the datamodule and the Trainer for
+        # every subcommand and passes `model=` and `datamodule=` to every subcommand method
+        # (2.6: `LightningCLI._prepare_subcommand_kwargs`); a plain function cannot be a
+        # subcommand. Each set names the arguments the subcommand's parser skips.
         commands = LightningCLI.subcommands()
         commands.update(
             cache={"model", "datamodule"},
@@ -160,27 +165,21 @@ class CLTLightningCLI(LightningCLI):
         return commands
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """`checkpoint:` configures the default last.ckpt writer (`--ckpt_path last` resumes)."""
-        parser.add_lightning_class_args(CLTCheckpoint, "checkpoint")
+        """`checkpoint:` configures the default last.ckpt writer (`--ckpt_path last` resumes).
 
-    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
-        """Drop the default checkpoint when checkpointing is off or the config brings its own
-        ModelCheckpoint; write checkpoints atomically unless a CheckpointIO is configured."""
-        configured = config.get("callbacks") or []
-        configured = configured if isinstance(configured, list) else [configured]
-        if config.get("enable_checkpointing") is False or any(
-            isinstance(c, ModelCheckpoint) for c in configured
-        ):
-            callbacks = [c for c in callbacks if not isinstance(c, CLTCheckpoint)]
-        check_trainer_settings(config, run_folder=self.subcommand == "fit")
-        plugins = config.get("plugins") or []
-        plugins = plugins if isinstance(plugins, list) else [plugins]
-        if not any(isinstance(p, CheckpointIO) for p in plugins):
-            config["plugins"] = [*plugins, AtomicCheckpointIO()]
-        try:
-            return super()._instantiate_trainer(config, callbacks)
-        except (MisconfigurationException, ValueError) as error:  # Trainer(...) checks
-            raise ConfigError(f"invalid trainer settings: {error}") from error
+        Parsed, not instantiated: `instantiate_trainer` builds the callback only when the
+        run checkpoints and brings no ModelCheckpoint of its own.
+        """
+        parser.add_class_arguments(
+            CLTCheckpoint, "checkpoint", fail_untyped=False, instantiate=False, sub_configs=True
+        )
+
+    def section(self, key: str) -> Any:
+        """The running subcommand's instantiated `key` section (`config_init`), or None."""
+        config = self.config_init
+        if self.subcommand is not None:
+            config = config.get(self.subcommand, config)
+        return config.get(key)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """A config file that is not text is a parse error (usage + exit 2), not a traceback."""
@@ -199,15 +198,51 @@ class CLTLightningCLI(LightningCLI):
                 callback.check_fresh_start(self.trainer, ckpt_path)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """Resolve `trainer.logger: true` into the run folder's CSV and W&B loggers; refuse
-        a training precision with 16-bit weights before the Trainer is built."""
-        config = self._get(self.config_init, "trainer", default={})
+        """Build the Trainer with the project's defaults, refusing bad settings first.
+
+        A training precision with 16-bit weights is refused before Lightning builds it;
+        `trainer.logger: true` becomes the run folder's CSV and W&B loggers; the default
+        `checkpoint:` callback is added unless checkpointing is off or the config brings
+        its own ModelCheckpoint; checkpoints are written atomically unless a CheckpointIO
+        is configured.
+
+        Raises:
+            ConfigError: Settings the Trainer or `check_trainer_settings` refuse.
+        """
+        config = self.section("trainer") or {}
         if self.subcommand == "fit":  # before Lightning builds (or imports) the precision
             check_training_precision(config.get("precision"))
         if config.get("logger") in (None, True) and self.subcommand in ("fit", "validate", "test"):
             root = config.get("default_root_dir") or "runs/default"
             kwargs["logger"] = default_loggers(root)
-        return super().instantiate_trainer(**kwargs)
+        callbacks = as_list(config.get("callbacks"))
+        checkpoint = self.section("checkpoint")
+        if checkpoint is not None and default_checkpoint_wanted(config, callbacks):
+            callbacks.append(CLTCheckpoint(**checkpoint.as_dict()))
+        kwargs["callbacks"] = callbacks
+        check_trainer_settings(config, run_folder=self.subcommand == "fit")
+        plugins = as_list(config.get("plugins"))
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError) as error:  # Trainer(...) checks
+            raise ConfigError(f"invalid trainer settings: {error}") from error
+
+
+def as_list(value: Any) -> list[Any]:
+    """A trainer setting that takes one object or a list of them, as a new list."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
+def default_checkpoint_wanted(config: Any, callbacks: list[Callback]) -> bool:
+    """Whether the default `checkpoint:` callback joins the Trainer: checkpointing is on
+    and the configured callbacks hold no ModelCheckpoint of their own."""
+    if config.get("enable_checkpointing") is False:
+        return False
+    return not any(isinstance(c, ModelCheckpoint) for c in callbacks)
 
 
 def check_ckpt_path(config: Any) -> None:

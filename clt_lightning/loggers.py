@@ -12,20 +12,22 @@ a new W&B run (offline runs are synced one by one); the CSV holds the whole hist
 
 from __future__ import annotations
 
-import contextlib
 import csv
+import io
 import logging
 import netrc
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities import rank_zero_only
 
 from clt_lightning.errors import DiskSpaceError
-from clt_lightning.files import is_disk_full
+from clt_lightning.files import atomic_write_stream, is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -72,69 +74,37 @@ class AutoWandbLogger(WandbLogger):
         super().__init__(name=name, save_dir=save_dir, project=project, offline=offline, **kwargs)
 
 
-class _KeepingExperimentWriter(ExperimentWriter):
-    """ExperimentWriter that keeps an existing metrics.csv instead of deleting it.
+def read_metrics_csv(path: str | Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """The header and rows of a metrics.csv; ([], []) when it is missing or unreadable."""
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            return list(reader.fieldnames or []), rows
+    except (FileNotFoundError, csv.Error, UnicodeDecodeError) as error:
+        log.warning("not keeping %s: %s", path, error)
+        return [], []
 
-    Lightning's writer deletes `metrics.csv` when it starts in a non-empty folder, so
-    `clt fit --ckpt_path last` would lose every number logged before the interruption.
-    This one keeps the old rows whose step is below the first step the new run logs (a
-    resumed run replaces what it logs again; a fresh run starting at step 0 replaces all)
-    and rewrites the file atomically when its header changes.
+
+def write_metrics_csv(path: str | Path, fieldnames: list[str], rows: list[dict[str, Any]]) -> None:
+    """Replace metrics.csv atomically (temp file in the same folder, fsync, os.replace).
+
+    Raises:
+        DiskSpaceError: The device filled up (names the file; the old file is intact).
     """
-
-    def __init__(self, log_dir: str) -> None:
-        super().__init__(log_dir)
-        self._trim_pending = os.path.isfile(self.metrics_file_path)
-
-    def _check_log_dir_exists(self) -> None:  # keep the file (Lightning deletes it)
-        pass
-
-    def save(self) -> None:
-        try:
-            if self._trim_pending and self.metrics:
-                self._trim_pending = False
-                first_step = min(int(row["step"]) for row in self.metrics)
-                fieldnames, rows = self._read_rows()
-                kept = [row for row in rows if _step_of(row) < first_step]
-                self.metrics_keys = sorted(set(fieldnames) | set(self.metrics_keys))
-                self._write_rows(self.metrics_keys, kept)
-            super().save()
-        except OSError as error:  # name the file (a write's ENOSPC carries no file name)
-            if not is_disk_full(error):
-                raise
-            raise DiskSpaceError(
-                f"no space left on the device while writing {self.metrics_file_path}; free "
-                "some space and resume with `clt fit --config ... --ckpt_path last`"
-            ) from error
-
-    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
-        self._write_rows(fieldnames, self._read_rows()[1])
-
-    def _read_rows(self) -> tuple[list[str], list[dict[str, Any]]]:
-        try:
-            with open(self.metrics_file_path, newline="") as f:
-                reader = csv.DictReader(f)
-                rows = list(reader)
-                return list(reader.fieldnames or []), rows
-        except (FileNotFoundError, csv.Error, UnicodeDecodeError) as error:
-            log.warning("not keeping %s: %s", self.metrics_file_path, error)
-            return [], []
-
-    def _write_rows(self, fieldnames: list[str], rows: list[dict[str, Any]]) -> None:
-        """Replace metrics.csv atomically (temp file in the same folder, os.replace)."""
-        tmp = f"{self.metrics_file_path}.tmp"
-        try:
-            with open(tmp, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=fieldnames, extrasaction="ignore")
-                writer.writeheader()
-                writer.writerows(rows)
-            os.replace(tmp, self.metrics_file_path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=fieldnames, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_stream(
+        Path(path),
+        lambda f: f.write(text.getvalue().encode()),
+        disk_full=f"{path}; free some space and resume with `clt fit --config ... "
+        "--ckpt_path last`",
+    )
 
 
-def _step_of(row: dict[str, Any]) -> float:
+def step_of(row: dict[str, Any]) -> float:
     """The step of a metrics.csv row (rows without one sort last and are dropped)."""
     try:
         return float(row.get("step") or "inf")
@@ -143,15 +113,89 @@ def _step_of(row: dict[str, Any]) -> float:
 
 
 class ResumableCSVLogger(CSVLogger):
-    """CSVLogger whose metrics.csv survives `clt fit --ckpt_path last` (see the writer)."""
+    """CSVLogger whose metrics.csv survives `clt fit --ckpt_path last`.
+
+    Lightning's CSV writer deletes `metrics.csv` when it starts in a non-empty folder, so
+    a resumed run would lose every number logged before the interruption. Before the
+    writer starts, this logger renames the file to `metrics.csv.resume` (atomic; a run
+    killed before its first save finds it there next time); the first save writes back
+    the old rows whose step is below the first step the new run logs (a resumed run
+    replaces what it logs again; a fresh run starting at step 0 replaces all), then
+    appends. A header change rewrites the file atomically. A file that never got new
+    rows is put back when the logger finalizes.
+    """
+
+    kept_path: Path | bool | None = None
+    """`metrics.csv.resume` while the previous rows wait for the first save; None before
+    the writer is first used; False once there is nothing (more) to keep."""
 
     @property
     @rank_zero_experiment
     def experiment(self) -> ExperimentWriter:
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _KeepingExperimentWriter(log_dir=self.log_dir)
-        return self._experiment
+        if self.kept_path is None:  # first use: before Lightning's writer deletes the file
+            self.kept_path = set_aside(Path(self.log_dir) / ExperimentWriter.NAME_METRICS_FILE)
+        with warnings.catch_warnings():  # "previous log files ... will be deleted": not here
+            warnings.filterwarnings("ignore", message="Experiment logs directory")
+            return super().experiment
+
+    @rank_zero_only
+    def save(self) -> None:
+        writer = self.experiment
+        try:  # DiskSpaceError (an OSError) from our own writes passes through unchanged
+            if writer.metrics:
+                self.write_back_kept_rows(writer)
+                self.widen_header(writer)
+            super().save()
+        except OSError as error:  # name the file (a write's ENOSPC carries no file name)
+            if isinstance(error, DiskSpaceError) or not is_disk_full(error):
+                raise
+            raise DiskSpaceError(
+                f"no space left on the device while writing {writer.metrics_file_path}; free "
+                "some space and resume with `clt fit --config ... --ckpt_path last`"
+            ) from error
+
+    def write_back_kept_rows(self, writer: ExperimentWriter) -> None:
+        """First save: metrics.csv = the kept rows below the first new step, old header
+        and new keys; the set-aside file is then removed."""
+        kept_path = self.kept_path
+        if not kept_path:
+            return
+        fieldnames, rows = read_metrics_csv(kept_path) if kept_path.is_file() else ([], [])
+        first_step = min(int(row["step"]) for row in writer.metrics)
+        kept = [row for row in rows if step_of(row) < first_step]
+        new_keys = set().union(*writer.metrics)
+        writer.metrics_keys = sorted(set(fieldnames) | set(writer.metrics_keys) | new_keys)
+        write_metrics_csv(writer.metrics_file_path, writer.metrics_keys, kept)
+        kept_path.unlink(missing_ok=True)
+        self.kept_path = False
+
+    def widen_header(self, writer: ExperimentWriter) -> None:
+        """Rewrite metrics.csv atomically when the pending rows bring new keys (Lightning's
+        writer would rewrite it in place, which a kill can cut short)."""
+        new_keys = set().union(*writer.metrics) - set(writer.metrics_keys)
+        if not new_keys or not os.path.isfile(writer.metrics_file_path):
+            return
+        writer.metrics_keys = sorted(set(writer.metrics_keys) | new_keys)
+        rows = read_metrics_csv(writer.metrics_file_path)[1]
+        write_metrics_csv(writer.metrics_file_path, writer.metrics_keys, rows)
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        super().finalize(status)
+        kept_path = self.kept_path
+        if kept_path and kept_path.is_file():  # no new rows: the old file goes back
+            os.replace(kept_path, kept_path.with_suffix(""))
+            self.kept_path = False
+
+
+def set_aside(path: Path) -> Path | bool:
+    """Rename metrics.csv to `metrics.csv.resume` (kept for the first save); returns that
+    path, or False when there is nothing to keep. A `.resume` file left by a run killed
+    before its first save is used as is; one beside a newer metrics.csv is stale."""
+    kept = path.with_name(path.name + ".resume")
+    if path.is_file():
+        os.replace(path, kept)
+    return kept if kept.is_file() else False
 
 
 def _quiet_settings():

@@ -12,7 +12,9 @@ Design decisions:
   scaled space, so each layer's term is its squared error relative to the layer's mean
   squared norm (1.0 = predicting zero) and layers with large activations do not dominate.
   The sparsifier adds its own terms (JumpReLU sparsity / pre-activation, TopK AuxK).
-  All tokens ([CLS] and patches) are in the loss, as in the paper.
+  All tokens ([CLS] and patches) are in the loss, as in the paper. The MSE term is logged
+  as `train/mse_scaled_sum` (scaled space, summed over layers), not to be read as the
+  validation metric `val/mse/layer_XX` (original space, per element, per layer).
 - Metrics are computed in the original activation space (see `metrics.py`), for all tokens
   and separately for [CLS] and patch tokens.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any, Literal
 
@@ -37,12 +40,9 @@ from clt_lightning.errors import CheckpointMismatchError, ConfigError, NonFinite
 from clt_lightning.metrics import ReconstructionMetrics, flatten_layer_metrics
 from clt_lightning.models.clt import CrossLayerTranscoder
 from clt_lightning.models.sparsifiers import SparsifierConfig
-from clt_lightning.tokens import CLIP_LAYOUT, TokenLayout
+from clt_lightning.tokens import CLIP_LAYOUT, TOKEN_GROUPS, TokenLayout
 
 log = logging.getLogger(__name__)
-
-TOKEN_GROUPS = ("all", "cls", "registers", "patches")
-"""Token groups with evaluation metrics (`clt_lightning.tokens`; those the teacher has)."""
 
 
 class CLTModule(L.LightningModule):
@@ -272,7 +272,7 @@ class CLTModule(L.LightningModule):
         output = self.clt(batch["x"])
         y_scaled = batch["y"] * self.clt.output_scale[None, :, None].to(batch["y"].dtype)
         per_layer = (output.y_hat_scaled.float() - y_scaled.float()).pow(2).mean(dim=(0, 2))
-        terms = {"mse": per_layer.sum()}
+        terms = {"mse_scaled_sum": per_layer.sum()}  # not `val/mse`: see docs/metrics.md
         terms.update(self.clt.auxiliary_losses(output, y_scaled, self.progress()))
         loss = sum(terms.values())
         if not torch.isfinite(loss):
@@ -352,19 +352,12 @@ class CLTModule(L.LightningModule):
             weight_decay=hp.weight_decay,
             fused=fused_adamw_supported(params),
         )
-        # The total is read lazily, once past warm-up (before, the factor does not depend on
-        # it): `estimated_stepping_batches` iterates the train loader, and here, before a
-        # resumed run has restored its loop state, that would fix the epoch (and the data
-        # order) of the first resumed epoch too early.
-        total: list[int] = []
-
-        def lr_lambda(step: int) -> float:
-            if step > hp.warmup_steps and not total:
-                steps = self.trainer.estimated_stepping_batches if attached_trainer(self) else 0
-                total.append(int(steps) if steps and not math.isinf(steps) else 0)
-            known = total[0] if total else 0
-            return lr_factor(step, hp.warmup_steps, known, hp.schedule, hp.min_lr_ratio)
-
+        lr_lambda = lr_schedule(
+            lambda: self.trainer.estimated_stepping_batches if attached_trainer(self) else 0,
+            hp.warmup_steps,
+            hp.schedule,
+            hp.min_lr_ratio,
+        )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
         return {
             "optimizer": optimizer,
@@ -447,6 +440,32 @@ def check_optimisation_settings(**values: Any) -> None:
         is_valid, valid = _VALID_SETTINGS[key]
         if not is_valid(value):
             raise ConfigError(f"model.{key}={value!r} is invalid; valid: {valid}")
+
+
+def lr_schedule(
+    total_steps: Callable[[], float], warmup: int, schedule: str, min_ratio: float
+) -> Callable[[int], float]:
+    """`LambdaLR`'s factor function: `lr_factor` with the total steps read once, lazily.
+
+    The total is asked for only past warm-up (before, the factor does not depend on it):
+    `trainer.estimated_stepping_batches` iterates the train loader, and in
+    `configure_optimizers`, before a resumed run has restored its loop state, that would
+    fix the epoch (and the data order) of the first resumed epoch too early. A closure,
+    not a callable object: LambdaLR would save an object's attributes in the checkpoint.
+
+    Args:
+        total_steps: Returns the run's optimiser steps (0 or inf when unknown).
+        warmup, schedule, min_ratio: As `lr_factor`.
+    """
+    total: list[int] = []
+
+    def lr_lambda(step: int) -> float:
+        if step > warmup and not total:
+            steps = total_steps()
+            total.append(int(steps) if steps and not math.isinf(steps) else 0)
+        return lr_factor(step, warmup, total[0] if total else 0, schedule, min_ratio)
+
+    return lr_lambda
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:

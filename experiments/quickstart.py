@@ -2,7 +2,7 @@
 
 Steps (each resumable; a rerun skips what is finished):
 1. the teacher: a tiny CLIP trained by the project on scikit-learn's handwritten digits
-   (`clt_lightning.offline_teacher`; trained once, then reused from `.cache/teachers`);
+   (`experiments.digits_teacher`; trained once, then reused from `.cache/teachers`);
 2. `clt cache`: the train and val activation caches of that teacher;
 3. `clt fit` for each of the paper's sparsifiers (JumpReLU, ReLU-TopK, Abs-TopK) with
    `configs/quickstart.yaml`, whose callbacks evaluate the CLT after every epoch (a subset
@@ -36,7 +36,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 from clt_lightning import cli  # noqa: E402
 from clt_lightning.errors import CLTError  # noqa: E402
-from clt_lightning.offline_teacher import ensure_digits_teacher  # noqa: E402
+from experiments.digits_teacher import ensure_digits_teacher  # noqa: E402
 from experiments.quickstart_report import write_report  # noqa: E402
 
 log = logging.getLogger("quickstart")
@@ -146,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         kwargs = {"min_accuracy": opts.min_teacher_accuracy}
         if opts.teacher_epochs is not None:
-            from clt_lightning.offline_teacher import TrainSettings
+            from experiments.digits_clip import TrainSettings
 
             kwargs["settings"] = TrainSettings(epochs=opts.teacher_epochs)
         ensure_digits_teacher(opts.teacher_dir, **kwargs)
@@ -174,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def teacher_record(teacher_dir: str) -> dict:
-    """The digits teacher's record (accuracy, settings) written by offline_teacher."""
+    """The digits teacher's record (accuracy, settings) written by experiments/digits_teacher.py."""
     return json.loads((Path(teacher_dir) / "teacher.json").read_text())
 
 

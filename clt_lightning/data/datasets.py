@@ -37,7 +37,7 @@ Design decisions:
   `digits_split`: train = first 1,437 of `np.random.default_rng(0).permutation(1797)`,
   val = the other 360, each sorted. Values 0..16 become round(v * 255 / 16) as uint8,
   white digit on black, grey replicated to RGB. `ds[i]` transforms that native 8x8 image
-  (the same pixels `offline_teacher` trains the digits teacher on); `raw_image(i)` is the
+  (the same pixels `experiments/digits_teacher.py` trains the digits teacher on); `raw_image(i)` is the
   digit upsampled (bilinear) to 224x224 for figures. Class names "zero".."nine".
 - Image files are converted to 8-bit RGB by mode (`image_modes.to_rgb`: 16-bit and float
   images scaled, alpha dropped, unsupported modes refused).

@@ -29,6 +29,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
+from clt_lightning.data.dataset_readers import DIGIT_CLASS_NAMES
 from clt_lightning.errors import ConfigError
 from clt_lightning.files import atomic_write_bytes
 from clt_lightning.hashing import json_sha256, tensors_sha256
@@ -96,12 +97,16 @@ IMAGENET_TEMPLATES: list[str] = [t("{}") for t in open_clip.OPENAI_IMAGENET_TEMP
 IMAGENET_SIMPLE_TEMPLATES: list[str] = [t("{}") for t in open_clip.SIMPLE_IMAGENET_TEMPLATES]
 """OpenAI's 7-template "ensemble subset" of the ImageNet set (not the default; see docs)."""
 
-try:  # the offline quickstart's digits teacher was trained on these captions
-    from clt_lightning.offline_teacher import DIGIT_CLASS_NAMES, DIGIT_TEMPLATES
-except ImportError:  # pragma: no cover - only when offline_teacher is absent
-    DIGIT_CLASS_NAMES = ["zero", "one", "two", "three", "four"]
-    DIGIT_CLASS_NAMES += ["five", "six", "seven", "eight", "nine"]
-    DIGIT_TEMPLATES = ["a photo of the digit {}.", "a handwritten {}.", "the number {}."]
+DIGIT_TEMPLATES: list[str] = [
+    "a photo of the digit {}.",
+    "a handwritten {}.",
+    "a photo of the number {}.",
+    "a low resolution photo of the digit {}.",
+    "a white {} on a black background.",
+    "a pixelated handwritten digit {}.",
+]
+"""The captions the quickstart's digits teacher (experiments/digits_teacher.py) was trained
+on, and its zero-shot templates."""
 
 _TEMPLATES: dict[str, list[str]] = {
     "cifar100": CIFAR100_TEMPLATES,

@@ -14,8 +14,9 @@ import torch
 from lightning.fabric.utilities import cloud_io
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from clt_lightning.checkpointing import AtomicCheckpointIO, CLTCheckpoint, temp_path
+from clt_lightning.checkpointing import AtomicCheckpointIO, CLTCheckpoint
 from clt_lightning.errors import ConfigError, DiskSpaceError
+from clt_lightning.files import temp_path
 from clt_lightning.loggers import ResumableCSVLogger, default_loggers
 from clt_lightning.models.sparsifiers import SparsifierConfig
 from clt_lightning.module import CLTModule
@@ -92,15 +93,16 @@ def test_lightning_default_commits_from_the_system_temp_folder(tmp_path, monkeyp
     assert staged[0] != path.parent
 
 
-def test_last_ckpt_holds_the_final_step_and_each_epoch_end(tmp_path):
+def test_last_ckpt_holds_the_final_step_and_each_epoch_end(tmp_path, monkeypatch):
     saved = []
+    trainer = make_trainer(tmp_path, max_epochs=2, callbacks=[CLTCheckpoint(every_n_train_steps=3)])
+    save = trainer.save_checkpoint
 
-    class Spy(CLTCheckpoint):
-        def _save_checkpoint(self, trainer, filepath):
-            saved.append((trainer.global_step, Path(filepath).name))
-            super()._save_checkpoint(trainer, filepath)
+    def spy(filepath, *args, **kwargs):  # every checkpoint write goes through it
+        saved.append((trainer.global_step, Path(filepath).name))
+        save(filepath, *args, **kwargs)
 
-    trainer = make_trainer(tmp_path, max_epochs=2, callbacks=[Spy(every_n_train_steps=3)])
+    monkeypatch.setattr(trainer, "save_checkpoint", spy)
     trainer.fit(_model(), PlantedData(n_train=5))
     # steps 3, 6, 9 from the interval, 5 at the first epoch end, 10 at the end of fit
     assert saved == [(s, "last.ckpt") for s in (3, 5, 6, 9, 10)]
@@ -219,6 +221,38 @@ def test_rows_the_resumed_run_logs_again_are_replaced(tmp_path):
         (0, 10.0), (1, 11.0), (2, 12.0), (3, 23.0), (4, 24.0), (5, 25.0), (6, 26.0), (7, 27.0)
     ]  # fmt: skip
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_run_killed_before_its_first_save_loses_no_rows(tmp_path):
+    """New behaviour of the public-API logger: the old rows wait in metrics.csv.resume
+    until the first save, so a run killed in between leaves them for the next resume."""
+    old = ResumableCSVLogger(tmp_path, name="", version="")
+    for step in range(6):
+        old.log_metrics({"train/loss": 10.0 + step}, step=step)
+    old.save()
+    killed = ResumableCSVLogger(tmp_path, name="", version="")
+    killed.log_metrics({"train/loss": 99.0}, step=4)  # starts the writer; never saved
+    assert not (tmp_path / "metrics.csv").exists()
+    new = ResumableCSVLogger(tmp_path, name="", version="")
+    new.log_metrics({"train/loss": 24.0}, step=4)
+    new.save()
+    rows = read_metrics(tmp_path)
+    assert [(int(r["step"]), float(r["train/loss"])) for r in rows] == [
+        (0, 10.0), (1, 11.0), (2, 12.0), (3, 13.0), (4, 24.0)
+    ]  # fmt: skip
+    assert not (tmp_path / "metrics.csv.resume").exists()
+
+
+def test_a_run_that_logs_nothing_puts_the_log_back(tmp_path):
+    old = ResumableCSVLogger(tmp_path, name="", version="")
+    old.log_metrics({"train/loss": 1.0}, step=0)
+    old.save()
+    before = (tmp_path / "metrics.csv").read_text()
+    idle = ResumableCSVLogger(tmp_path, name="", version="")
+    idle.experiment  # noqa: B018 - starts the writer, as a Trainer does
+    idle.finalize("success")
+    assert (tmp_path / "metrics.csv").read_text() == before
+    assert not (tmp_path / "metrics.csv.resume").exists()
 
 
 def test_a_fresh_run_in_the_same_folder_replaces_the_log(tmp_path):

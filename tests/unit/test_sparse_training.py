@@ -82,7 +82,7 @@ def test_sparse_step_equals_dense_step(name: str, dead: bool) -> None:
         want = train_step(dense, optimizers[0], batch)
         got = train_step(sparse, optimizers[1], batch)
         assert got["encoding"].pre is None and want["encoding"].pre is not None  # fused path
-        assert set(got["terms"]) == set(want["terms"]) == {"per_layer", "mse", "auxk"}
+        assert set(got["terms"]) == set(want["terms"]) == {"per_layer", "mse_scaled_sum", "auxk"}
         for key, value in want["terms"].items():
             torch.testing.assert_close(got["terms"][key], value, **tol)
         assert (float(want["terms"]["auxk"]) > 0) == dead

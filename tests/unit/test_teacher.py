@@ -12,7 +12,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from clt_lightning.errors import CheckpointMismatchError, ConfigError, DataNotFoundError
-from clt_lightning.teacher import Capture, Teacher, TeacherConfig, state_dict_mismatch
+from clt_lightning.teacher import Capture, Teacher, TeacherConfig
+from clt_lightning.teacher_loading import state_dict_mismatch
 
 
 @pytest.fixture

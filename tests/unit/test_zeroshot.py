@@ -52,7 +52,7 @@ def test_templates_per_dataset():
     assert len(imagenet) == 80 and imagenet == templates_for("coco")
     assert imagenet[0] == "a bad photo of a {}." and all(t.count("{}") == 1 for t in imagenet)
     assert len(zeroshot.IMAGENET_SIMPLE_TEMPLATES) == 7
-    from clt_lightning.offline_teacher import DIGIT_TEMPLATES
+    from clt_lightning.evaluation.zeroshot import DIGIT_TEMPLATES
 
     assert templates_for("digits") == DIGIT_TEMPLATES
     templates_for("cifar100").append("mutated")

@@ -14,13 +14,16 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
-from clt_lightning import offline_teacher as ot
+from clt_lightning.data.dataset_readers import DIGIT_CLASS_NAMES, digits_split
 from clt_lightning.data.datasets import DatasetConfig, build_dataset
+from clt_lightning.evaluation.zeroshot import DIGIT_TEMPLATES
 from clt_lightning.teacher import Teacher, TeacherConfig
+from experiments import digits_clip as dc
+from experiments import digits_teacher as ot
 
 TINY_CONFIG = Path(__file__).parents[1] / "fixtures" / "tiny-vit.json"
 # Two optimiser steps of the tiny fixture model: enough to exercise every code path.
-FAST = ot.TrainSettings(epochs=1, batch_size=512)
+FAST = dc.TrainSettings(epochs=1, batch_size=512)
 
 
 @pytest.fixture(scope="module")
@@ -49,20 +52,20 @@ def _copy(trained_dir: Path, tmp_path: Path) -> Path:
 
 
 def test_split_and_names_are_the_datasets() -> None:
-    train, val = ot.digits_split("train"), ot.digits_split("val")
+    train, val = digits_split("train"), digits_split("val")
     perm = np.random.default_rng(0).permutation(1797)
     np.testing.assert_array_equal(train, np.sort(perm[:1437]))
     np.testing.assert_array_equal(val, np.sort(perm[1437:]))
-    assert ot.DIGIT_CLASS_NAMES[0] == "zero" and ot.DIGIT_CLASS_NAMES[9] == "nine"
-    assert len(ot.DIGIT_CLASS_NAMES) == 10
+    assert DIGIT_CLASS_NAMES[0] == "zero" and DIGIT_CLASS_NAMES[9] == "nine"
+    assert len(DIGIT_CLASS_NAMES) == 10
 
 
 def test_templates_fit_the_context_length() -> None:
     """No caption is truncated (a cut caption could lose its class name)."""
     context = ot.DEFAULT_MODEL_CONFIG["text_cfg"]["context_length"]
     tokenizer = open_clip.SimpleTokenizer(context_length=context)
-    for template in ot.DIGIT_TEMPLATES:
-        for name in ot.DIGIT_CLASS_NAMES:
+    for template in DIGIT_TEMPLATES:
+        for name in DIGIT_CLASS_NAMES:
             assert len(tokenizer.encode(template.format(name))) + 2 <= context, template
 
 
@@ -73,8 +76,8 @@ def test_inputs_are_the_teachers_preprocess_of_the_digits(
     from sklearn.datasets import load_digits
 
     teacher = Teacher(TeacherConfig(model_config=str(TINY_CONFIG)))
-    images, labels = ot.load_digits("val", ot.eval_transform(tiny_config))
-    index = ot.digits_split("val")
+    images, labels = dc.load_digits("val", dc.eval_transform(tiny_config))
+    index = digits_split("val")
     digits = load_digits()
     np.testing.assert_array_equal(labels.numpy(), digits.target[index])
     dataset = build_dataset(DatasetConfig(name="digits"), "val", teacher.preprocess)
@@ -85,24 +88,24 @@ def test_inputs_are_the_teachers_preprocess_of_the_digits(
         pil = Image.fromarray(pixels).convert("RGB")
         expected = open_clip.image_transform(32, is_train=False)(pil)
         assert torch.equal(images[i], expected)
-    background = ot.background_value(tiny_config)
+    background = dc.background_value(tiny_config)
     assert torch.allclose(images[0][:, 0, 0], background.flatten())  # corner pixel is black
 
 
 def test_random_affine_without_ranges_is_identity_and_fills_black(tiny_config: dict) -> None:
-    images, _ = ot.load_digits("val", ot.eval_transform(tiny_config))
+    images, _ = dc.load_digits("val", dc.eval_transform(tiny_config))
     images = images[:8]
-    background = ot.background_value(tiny_config)
-    still = ot.TrainSettings(max_rotation=0.0, max_shift=0.0, max_scale=0.0)
-    out = ot.random_affine(images, background, still, torch.Generator().manual_seed(0))
+    background = dc.background_value(tiny_config)
+    still = dc.TrainSettings(max_rotation=0.0, max_shift=0.0, max_scale=0.0)
+    out = dc.random_affine(images, background, still, torch.Generator().manual_seed(0))
     torch.testing.assert_close(out, images, atol=1e-5, rtol=0)
     # an all-black image stays all black however far it moves: the fill is black, not 0
     black = background.expand(8, 3, 32, 32).clone()
-    wild = ot.TrainSettings(max_rotation=45.0, max_shift=0.5, max_scale=0.5)
-    moved = ot.random_affine(black, background, wild, torch.Generator().manual_seed(0))
+    wild = dc.TrainSettings(max_rotation=45.0, max_shift=0.5, max_scale=0.5)
+    moved = dc.random_affine(black, background, wild, torch.Generator().manual_seed(0))
     torch.testing.assert_close(moved, black)
     # and a moved digit differs from the original
-    assert not torch.allclose(ot.random_affine(images, background, wild, torch.Generator()), images)
+    assert not torch.allclose(dc.random_affine(images, background, wild, torch.Generator()), images)
 
 
 def test_contrastive_loss_is_clip_loss_when_every_label_is_unique() -> None:
@@ -111,7 +114,7 @@ def test_contrastive_loss_is_clip_loss_when_every_label_is_unique() -> None:
     text = F.normalize(torch.randn(6, 8), dim=-1)
     labels = torch.arange(6)
     scale = torch.tensor(7.0)
-    ours = ot.contrastive_loss(image, text, labels, labels, scale)
+    ours = dc.contrastive_loss(image, text, labels, labels, scale)
     theirs = open_clip.ClipLoss()(image, text, scale)
     torch.testing.assert_close(ours, theirs)
 
@@ -130,13 +133,13 @@ def test_contrastive_loss_spreads_targets_over_same_class_pairs() -> None:
     )
     expected = torch.tensor((i2t + t2i) / 2, dtype=torch.float32)
     torch.testing.assert_close(
-        ot.contrastive_loss(image, text, image_labels, text_labels, scale), expected
+        dc.contrastive_loss(image, text, image_labels, text_labels, scale), expected
     )
 
 
 def test_zero_shot_logits_match_a_manual_template_ensemble(tiny_config: dict) -> None:
-    model = ot.build_model(tiny_config).eval()
-    tokenizer = ot.build_tokenizer(tiny_config)
+    model = dc.build_model(tiny_config).eval()
+    tokenizer = dc.build_tokenizer(tiny_config)
     images = torch.randn(5, 3, 32, 32)
     names, templates = ["zero", "one", "two"], ["a {}.", "the digit {}."]
     with torch.no_grad():
@@ -151,10 +154,10 @@ def test_zero_shot_logits_match_a_manual_template_ensemble(tiny_config: dict) ->
             * F.normalize(model.encode_image(images), dim=-1)
             @ torch.stack(columns, 1)
         )
-    logits = ot.zero_shot_logits(model, tokenizer, images, names, templates)
+    logits = dc.template_ensemble_logits(model, tokenizer, images, names, templates)
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
     labels = torch.tensor([0, 1, 2, 0, 1])
-    accuracy = ot.zero_shot_accuracy(model, tokenizer, images, labels, names, templates)
+    accuracy = dc.zero_shot_accuracy(model, tokenizer, images, labels, names, templates)
     assert accuracy == pytest.approx((expected.argmax(1) == labels).float().mean().item())
 
 
@@ -173,11 +176,11 @@ def test_saved_teacher_round_trips_through_teacher_config(
     loaded = Teacher(teacher.teacher_config())  # the pipeline's own loader
     for name, tensor in loaded.clip.state_dict().items():
         assert torch.equal(tensor, saved[name]), name
-    images, labels = ot.load_digits("val", loaded.preprocess)
-    tokenizer = ot.build_tokenizer(tiny_config)
-    args = (images, ot.DIGIT_CLASS_NAMES, ot.DIGIT_TEMPLATES)
-    logits = ot.zero_shot_logits(model, tokenizer, *args)
-    assert torch.equal(logits, ot.zero_shot_logits(loaded.clip, loaded.tokenizer, *args))
+    images, labels = dc.load_digits("val", loaded.preprocess)
+    tokenizer = dc.build_tokenizer(tiny_config)
+    args = (images, DIGIT_CLASS_NAMES, DIGIT_TEMPLATES)
+    logits = dc.template_ensemble_logits(model, tokenizer, *args)
+    assert torch.equal(logits, dc.template_ensemble_logits(loaded.clip, loaded.tokenizer, *args))
     accuracy = (logits.argmax(1) == labels).double().mean().item()
     assert accuracy == teacher.accuracy  # the recorded accuracy is the pipeline's accuracy
 
@@ -221,9 +224,9 @@ def test_other_settings_retrain_and_a_low_accuracy_is_an_error(
 
 def test_bad_settings_name_the_field() -> None:
     with pytest.raises(ValueError, match="epochs"):
-        ot.TrainSettings(epochs=0)
+        dc.TrainSettings(epochs=0)
     with pytest.raises(ValueError, match="embed_dim"):
-        ot.build_model({"vision_cfg": {}, "text_cfg": {}})
+        dc.build_model({"vision_cfg": {}, "text_cfg": {}})
 
 
 def test_module_entry_reuses_a_built_teacher(
@@ -253,8 +256,8 @@ def test_full_teacher_reaches_90_percent_zero_shot(tmp_path: Path) -> None:
     assert teacher.trained
     assert teacher.accuracy >= 0.90
     loaded = Teacher(teacher.teacher_config())
-    images, labels = ot.load_digits("val", loaded.preprocess)
-    accuracy = ot.zero_shot_accuracy(
-        loaded.clip, loaded.tokenizer, images, labels, ot.DIGIT_CLASS_NAMES, ot.DIGIT_TEMPLATES
+    images, labels = dc.load_digits("val", loaded.preprocess)
+    accuracy = dc.zero_shot_accuracy(
+        loaded.clip, loaded.tokenizer, images, labels, DIGIT_CLASS_NAMES, DIGIT_TEMPLATES
     )
     assert accuracy == teacher.accuracy
