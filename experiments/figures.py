@@ -5,7 +5,7 @@
 - Figures 11-16: contribution scores C[s, l], rows [CLS] and patches, one column per sparsifier.
 - Cascaded replacement top-1 against the paper's Tables 6-23 (ours solid, paper dashed).
 
-Single-run and single-row figures go through `clt_lightning.plots`
+Single-run and single-row figures go through `clt_lightning.evaluation.plots`
 (`contribution_heatmaps`, `reconstruction_curves`) when the package has them, so that training-time and report
 figures look alike; otherwise the minimal versions here are used. The multi-panel layouts
 exist only here. Figures are built with `matplotlib.figure.Figure` (no pyplot), so no
@@ -37,7 +37,7 @@ _ANNOTATE_MAX_LAYERS = 16
 
 def _package_plots() -> ModuleType | None:
     try:
-        return importlib.import_module("clt_lightning.plots")
+        return importlib.import_module("clt_lightning.evaluation.plots")
     except ImportError:
         return None
 

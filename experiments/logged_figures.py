@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from matplotlib.image import imread
 from matplotlib.ticker import MaxNLocator
 
-from clt_lightning.plots import save_figure
+from clt_lightning.evaluation.plots import save_figure
 
 MODES = ("cls", "patches", "all")
 MODE_NAMES = {"cls": "[CLS] only", "patches": "patches only", "all": "all tokens"}

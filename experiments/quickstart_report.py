@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from clt_lightning import plots
+from clt_lightning.evaluation import plots
 from clt_lightning.files import atomic_write_text
 from experiments.logged_figures import eval_history, training_curves
 from experiments.results import RunResult, load_runs
@@ -242,7 +242,7 @@ def write_report(
         "## During training (evaluation callback, every epoch)\n\n" + training_section(runs, out),
         "## Cascaded replacement (paper: Tables 6-23)\n\n"
         "Layers s→L-1 have their MLP output replaced by the CLT's for the given tokens; "
-        "inputs are read from the modified run (DESIGN: Replacement).\n\n"
+        "inputs are read from the modified run (docs/metrics.md, Cascaded replacement).\n\n"
         + cascade_section(runs)
         + "\n\n"
         + "\n".join(image(p, "cascade") for p in figures["cascade"]),

@@ -416,7 +416,7 @@ def _write_outputs(out: Path, payloads, result, reports, ablation, scores, info,
 
 
 def _write_figures(out: Path, payloads, result, scores, info: RunInfo) -> None:
-    from clt_lightning import plots
+    from clt_lightning.evaluation import plots
 
     name = f"{info.run_name} ({info.dataset}, {info.backbone})"
     plots.cascade_plot(result, out / "cascade.png", title=f"Cascaded replacement: {name}")

@@ -9,7 +9,7 @@ from PIL import Image
 
 from clt_lightning.errors import ConfigError
 from clt_lightning.evaluation.cascade import CascadeResult
-from clt_lightning.plots import (
+from clt_lightning.evaluation.plots import (
     BIAS_AXES_LABEL,
     HEATMAP_AXES_LABEL,
     cascade_plot,

@@ -72,7 +72,7 @@ def test_to_json_refuses_infinity_naming_the_path():
 
 
 def test_reconstruction_curves_draw_undefined_values_as_gaps(tmp_path):
-    from clt_lightning.plots import reconstruction_curves
+    from clt_lightning.evaluation.plots import reconstruction_curves
 
     undefined = Undefined("r2 needs 2 tokens, the group has 1")
     runs = {"cls": {"mse": [0.1, 0.2], "r2": [undefined, undefined], "cosine": [0.9, 0.8]}}
