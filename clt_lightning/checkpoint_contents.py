@@ -14,6 +14,7 @@ and what is wrong or missing:
   there, with its shape, and finite (the message names the tensor).
 - `check_training_state`: resuming a fit needs the optimiser and loop states that
   `checkpoint.save_weights_only: true` leaves out.
+- `check_progress_counters`: no negative step, epoch or loop counter (an edited file).
 """
 
 from __future__ import annotations
@@ -169,4 +170,40 @@ def check_training_state(checkpoint: Mapping[str, Any], source: str) -> None:
             f"{source} has no {', '.join(missing)}: it was saved with weights only "
             "(checkpoint.save_weights_only: true), so `clt fit` cannot resume from it; use it "
             "with clt evaluate / export, or resume from a full checkpoint"
+        )
+
+
+_COUNTER_KEYS = ("ready", "started", "processed", "completed")
+
+
+def _negative_counters(node: Any, prefix: str) -> list[str]:
+    """Dotted names of the loop progress counters below `node` that are negative."""
+    if not isinstance(node, dict):
+        return []
+    found = []
+    for key, value in node.items():
+        name = f"{prefix}.{key}"
+        if key in _COUNTER_KEYS and isinstance(value, int) and value < 0:
+            found.append(f"{name}={value}")
+        found += _negative_counters(value, name)
+    return found
+
+
+def check_progress_counters(checkpoint: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose step or epoch counters are negative (an edited or damaged
+    file); Lightning would resume from them without a word.
+
+    Raises:
+        CheckpointMismatchError: Names the counter and its value.
+    """
+    bad = [
+        f"{key}={checkpoint[key]}"
+        for key in ("global_step", "epoch")
+        if isinstance(checkpoint.get(key), int) and checkpoint[key] < 0
+    ]
+    bad += _negative_counters(checkpoint.get("loops"), "loops")
+    if bad:
+        raise CheckpointMismatchError(
+            f"the checkpoint has negative progress counters ({', '.join(bad[:3])}); steps and "
+            "epochs count from 0, so the file was edited or is damaged: use another checkpoint"
         )

@@ -53,17 +53,13 @@ from clt_lightning.checkpoint_contents import (
     sniff_checkpoint,
 )
 from clt_lightning.errors import (
-    CheckpointMismatchError,
     ConfigError,
     DataNotFoundError,
+    UnreadableCheckpointError,
 )
 from clt_lightning.files import atomic_write_stream
 
 log = logging.getLogger(__name__)
-
-
-class UnreadableCheckpointError(CheckpointMismatchError):
-    """A checkpoint file that is truncated, not a torch checkpoint, or not weights-only."""
 
 
 CHECKPOINT_READ_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError)
@@ -77,42 +73,6 @@ def unreadable_checkpoint(path: str | Path, error: BaseException) -> UnreadableC
         f"cannot read the checkpoint {path}: {type(error).__name__}: {reason}. It is truncated "
         "or not a checkpoint written by `clt fit`; point --ckpt_path at another file"
     )
-
-
-_COUNTER_KEYS = ("ready", "started", "processed", "completed")
-
-
-def _negative_counters(node: Any, prefix: str) -> list[str]:
-    """Dotted names of the loop progress counters below `node` that are negative."""
-    if not isinstance(node, dict):
-        return []
-    found = []
-    for key, value in node.items():
-        name = f"{prefix}.{key}"
-        if key in _COUNTER_KEYS and isinstance(value, int) and value < 0:
-            found.append(f"{name}={value}")
-        found += _negative_counters(value, name)
-    return found
-
-
-def check_progress_counters(checkpoint: dict[str, Any]) -> None:
-    """Refuse a checkpoint whose step or epoch counters are negative (an edited or damaged
-    file); Lightning would resume from them without a word.
-
-    Raises:
-        CheckpointMismatchError: Names the counter and its value.
-    """
-    bad = [
-        f"{key}={checkpoint[key]}"
-        for key in ("global_step", "epoch")
-        if isinstance(checkpoint.get(key), int) and checkpoint[key] < 0
-    ]
-    bad += _negative_counters(checkpoint.get("loops"), "loops")
-    if bad:
-        raise CheckpointMismatchError(
-            f"the checkpoint has negative progress counters ({', '.join(bad[:3])}); steps and "
-            "epochs count from 0, so the file was edited or is damaged: use another checkpoint"
-        )
 
 
 def is_local_path(path: str | Path) -> bool:

@@ -40,5 +40,9 @@ class CheckpointMismatchError(CLTError, ValueError):
     """A checkpoint or exported CLT does not fit the teacher or cache it is used with."""
 
 
+class UnreadableCheckpointError(CheckpointMismatchError):
+    """A checkpoint file that is truncated, not a torch checkpoint, or not weights-only."""
+
+
 class NonFiniteLossError(CLTError, FloatingPointError):
     """Training produced a NaN or Inf; the message names the step and the layer."""

@@ -1,8 +1,12 @@
 """The project's fingerprints: one sha256 helper per kind of thing hashed.
 
-Every identity the project records (cache manifests, exports, retrieval indexes, latent
-stores, zero-shot caches) is built from these three, so two modules never disagree on how
-a file, a JSON payload or a set of tensors is hashed.
+Files, JSON payloads (teacher identities, model-config files, cache keys) and state dicts
+are hashed here and nowhere else, so two modules never disagree on how one of them is
+hashed. Two fingerprints keep a format of their own because files already on disk record
+them: a cache's `stats_sha256` (compact JSON without NaN, `data/cache_manifest.py`) and the
+retrieval index's CLT fingerprint (dtype- and shape-exact bytes,
+`evaluation/retrieval_descriptors.py`). A buffer already in memory (an export's weights) is
+hashed with `hashlib.sha256` directly.
 """
 
 from __future__ import annotations

@@ -34,12 +34,15 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from clt_lightning.checkpoint_contents import check_state, check_training_state
-from clt_lightning.checkpointing import check_progress_counters
+from clt_lightning.checkpoint_contents import (
+    check_progress_counters,
+    check_state,
+    check_training_state,
+)
 from clt_lightning.errors import CheckpointMismatchError, ConfigError, NonFiniteLossError
 from clt_lightning.metrics import ReconstructionMetrics, flatten_layer_metrics
 from clt_lightning.models.clt import CrossLayerTranscoder
-from clt_lightning.models.sparsifiers import SparsifierConfig
+from clt_lightning.models.sparsifiers import SparsifierConfig, sparsifier_class
 from clt_lightning.tokens import CLIP_LAYOUT, TOKEN_GROUPS, TokenLayout
 
 log = logging.getLogger(__name__)
@@ -97,6 +100,7 @@ class CLTModule(L.LightningModule):
         )
         if isinstance(sparsifier, dict):  # from a checkpoint's saved hyperparameters
             sparsifier = SparsifierConfig(**sparsifier)
+        sparsifier_class(sparsifier.name)  # an unknown name fails here, before any data
         self.sparsifier_config = sparsifier
         self.save_hyperparameters(ignore=["sparsifier"])
         self.hparams["sparsifier"] = asdict(self.sparsifier_config)

@@ -155,7 +155,7 @@ class JumpReLU(Sparsifier):
         super().__init__(config, n_layers, n_latents)
         self.threshold = nn.Parameter(torch.full((n_layers, n_latents), config.threshold_init))
 
-    def _apply_sparsity(
+    def apply_sparsity(
         self, pre: Tensor, layers: slice, want_codes: bool
     ) -> tuple[Tensor, SparseCodes | None]:
         z = jumprelu(pre, self.threshold[layers], self.config.bandwidth)

@@ -16,6 +16,17 @@ Design decisions:
   sparsifier for everything in between (`encode`, `activate`, `losses`).
 - The built-in sparsifier modules are imported by `clt_lightning/models/__init__.py`, so
   they are registered whenever any part of `clt_lightning.models` is imported.
+
+Adding a sparsifier (docs/architecture.md, "models/sparsifiers.py"):
+1. A new module in `clt_lightning/models/` with one `Sparsifier` subclass decorated with
+   `@register_sparsifier("name")`, implementing `apply_sparsity` (and `losses` if it has
+   loss terms; the class attributes below say what else applies to it).
+2. Import that module in `clt_lightning/models/__init__.py` (that import registers it),
+   and give it its line in the README file tree.
+3. Settings it needs beyond the shared ones are fields of `SparsifierConfig` with their
+   check in `__post_init__` and their valid range in `_VALID_RANGES`.
+A sparsifier defined outside the package registers the same way: its module must be
+imported before the config is built (e.g. by the script that starts the run).
 - Everything works on whole [B, L, F] tensors (one call per batch, no per-layer Python loop
   in training); `activate_layer` serves the layer-by-layer replacement path.
 - Dead-latent statistics are buffers, so they are checkpointed with the model.
@@ -182,6 +193,19 @@ def list_sparsifiers() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def sparsifier_class(name: str) -> type[Sparsifier]:
+    """The registered class of a sparsifier name.
+
+    Raises:
+        ConfigError: Unknown name (the message lists the valid names).
+    """
+    if name not in _REGISTRY:
+        raise ConfigError(
+            f"unknown sparsifier.name={name!r}; valid names: {', '.join(list_sparsifiers())}"
+        )
+    return _REGISTRY[name]
+
+
 def build_sparsifier(config: SparsifierConfig, n_layers: int, n_latents: int) -> Sparsifier:
     """Build the sparsifier named in `config`.
 
@@ -197,11 +221,7 @@ def build_sparsifier(config: SparsifierConfig, n_layers: int, n_latents: int) ->
         ConfigError: Unknown name (the message lists the valid names), or k > n_latents
             for a TopK variant.
     """
-    if config.name not in _REGISTRY:
-        raise ConfigError(
-            f"unknown sparsifier.name={config.name!r}; valid names: {', '.join(list_sparsifiers())}"
-        )
-    cls = _REGISTRY[config.name]
+    cls = sparsifier_class(config.name)
     if cls.uses_k and config.k > n_latents:
         raise ConfigError(
             f"sparsifier.k={config.k} exceeds n_latents={n_latents}; "
@@ -221,7 +241,7 @@ def at_least_float32(t: Tensor) -> Tensor:
 class Sparsifier(nn.Module):
     """Base class of the registry: pre-activations [B, L, F] -> activations [B, L, F].
 
-    A new sparsifier implements `_apply_sparsity` (the pure map, one call for all layers)
+    A new sparsifier implements `apply_sparsity` (the pure map, one call for all layers)
     and, if it has extra loss terms, `losses`; it overrides `encode` only to fuse the
     encoder with its selection.
 
@@ -259,7 +279,7 @@ class Sparsifier(nn.Module):
         )
         self.register_buffer("n_tokens_seen", torch.zeros((), dtype=torch.int64))
 
-    def _apply_sparsity(
+    def apply_sparsity(
         self, pre: Tensor, layers: slice, want_codes: bool
     ) -> tuple[Tensor, SparseCodes | None]:
         """Pure computation: pre [B, L', F] for `layers` -> (z [B, L', F], codes or None)."""
@@ -323,7 +343,7 @@ class Sparsifier(nn.Module):
         Returns:
             (z [B, L, F], codes [B, L, k] or None).
         """
-        z, codes = self._apply_sparsity(pre, slice(None), want_codes)
+        z, codes = self.apply_sparsity(pre, slice(None), want_codes)
         if self.training:
             self._update_statistics(z)
         return z, codes
@@ -339,7 +359,7 @@ class Sparsifier(nn.Module):
             z [..., F].
         """
         flat = pre.reshape(-1, 1, pre.shape[-1])
-        z, _ = self._apply_sparsity(flat, slice(layer, layer + 1), False)
+        z, _ = self.apply_sparsity(flat, slice(layer, layer + 1), False)
         return z.reshape(pre.shape)
 
     def losses(self, ctx: LossContext) -> dict[str, Tensor]:

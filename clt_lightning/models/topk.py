@@ -75,7 +75,7 @@ class _TopKBase(Sparsifier):
         act = torch.relu(pre)
         return act, act
 
-    def _apply_sparsity(
+    def apply_sparsity(
         self, pre: Tensor, layers: slice, want_codes: bool
     ) -> tuple[Tensor, SparseCodes | None]:
         score, act = self._rank(pre)
@@ -238,7 +238,7 @@ class BatchTopK(_TopKBase):
         self.register_buffer("threshold", torch.zeros(n_layers))
         self.register_buffer("threshold_updates", torch.zeros(n_layers, dtype=torch.int64))
 
-    def _apply_sparsity(
+    def apply_sparsity(
         self, pre: Tensor, layers: slice, want_codes: bool
     ) -> tuple[Tensor, SparseCodes | None]:
         act = torch.relu(pre)

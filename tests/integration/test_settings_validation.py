@@ -132,6 +132,14 @@ def test_values_never_silently_replaced(config, bad_images, tmp_path):
                              "num_workers must be >= 0", name=f"{command}: num_workers -1")  # fmt: skip
 
 
+def test_sparsifier_name_is_checked_before_the_data(config, tmp_path):
+    """An unknown sparsifier used to surface only when the CLT was built in `setup`, after
+    the data: with no cache yet, the user was told about the cache instead."""
+    fit = ["fit", "--config", config(), "--data.cache_dir", str(tmp_path / "no-cache-yet")]
+    expect_setting_error([*fit, "--model.sparsifier.name", "relu_tpok"], "'relu_tpok'",
+                         "relu_topk", name="model.sparsifier.name unknown, no cache yet")  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tiny_cache, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny_fit")

@@ -394,7 +394,7 @@ def test_register_custom_sparsifier(monkeypatch: pytest.MonkeyPatch) -> None:
 
     @sp.register_sparsifier("identity_for_test")
     class Identity(sp.Sparsifier):
-        def _apply_sparsity(self, pre, layers, want_codes):
+        def apply_sparsity(self, pre, layers, want_codes):
             return pre, None
 
     assert "identity_for_test" in list_sparsifiers()
