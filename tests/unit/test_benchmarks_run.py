@@ -8,6 +8,8 @@ import types
 import pytest
 
 from benchmarks import run as bench_run
+from benchmarks import targets as bench_targets
+from benchmarks.report import render
 
 
 def test_missing_and_failing_benchmarks_become_error_rows(
@@ -40,24 +42,24 @@ def step_rows(ratio: float, rel_diff: float) -> list[dict]:
 
 
 def test_targets_follow_the_numbers() -> None:
-    met = bench_run._train_step_targets({"train_step": step_rows(5.2, 0.0)})
+    met = bench_targets.train_step_targets({"train_step": step_rows(5.2, 0.0)})
     assert [v.met for v in met] == [True, None, None]  # abs_topk, breakdown not measured
-    assert bench_run._train_step_targets({"train_step": step_rows(4.9, 0.0)})[0].met is False
-    assert bench_run._train_step_targets({"train_step": step_rows(6.0, 1e-3)})[0].met is False
+    assert bench_targets.train_step_targets({"train_step": step_rows(4.9, 0.0)})[0].met is False
+    assert bench_targets.train_step_targets({"train_step": step_rows(6.0, 1e-3)})[0].met is False
     floors = [{"name": "breakdown_step_full", "ratio_vs_floors": 2.1}]
-    verdict = bench_run._train_step_targets({"train_step": step_rows(6.0, 0.0) + floors})[-1]
+    verdict = bench_targets.train_step_targets({"train_step": step_rows(6.0, 0.0) + floors})[-1]
     assert verdict.met is False and "2.10x" in verdict.measured
     floors[0]["ratio_vs_floors"] = 1.9
-    assert bench_run._train_step_targets({"train_step": floors})[-1].met is True
+    assert bench_targets.train_step_targets({"train_step": floors})[-1].met is True
     online = {
         "train_step": step_rows(6.0, 0.0),  # the sparse step consumes 60 tokens/s
         "online": [{"name": "online_ViT-B-32", "tokens_per_s": 54.0}],
     }
-    bench_run.annotate(online)
-    (verdict,) = bench_run._online_targets(online)
+    bench_targets.annotate(online)
+    (verdict,) = bench_targets.online_targets(online)
     assert verdict.met is False and "0.90x" in verdict.measured
     data = {"train_step": step_rows(4.0, 0.0), "data": [{"name": "d", "tokens_per_s": 250.0}]}
-    (verdict,) = bench_run._data_targets(data)
+    (verdict,) = bench_targets.data_targets(data)
     assert verdict.met is True and "6.25x" in verdict.measured  # 250 / 40 tokens/s
 
 
@@ -66,9 +68,9 @@ def test_report_names_errors_and_machine() -> None:
         "train_step": step_rows(3.5, 0.0),
         "retrieval": [{"name": "retrieval", "error": "stopped after 60 s"}],
     }
-    bench_run.annotate(results)
+    bench_targets.annotate(results)
     info = bench_run.machine_info()
-    report = bench_run.render(results, {}, info, quick=False)
+    report = render(results, {}, info, quick=False)
     assert "**Error**: stopped after 60 s" in report
     assert "**Failed or missing**: retrieval" in report
     assert info["cpu"] in report and info["torch"] in report
@@ -123,8 +125,8 @@ def test_suite_target_needs_a_faster_shared_pass_with_the_same_numbers() -> None
             ]
         }
 
-    assert bench_run._suite_targets(rows(0.6, True))[0].met is True
-    assert bench_run._suite_targets(rows(1.1, True))[0].met is False
-    (differ,) = bench_run._suite_targets(rows(0.6, False))
+    assert bench_targets.suite_targets(rows(0.6, True))[0].met is True
+    assert bench_targets.suite_targets(rows(1.1, True))[0].met is False
+    (differ,) = bench_targets.suite_targets(rows(0.6, False))
     assert differ.met is False and "numbers differ" in differ.measured
-    assert bench_run._suite_targets({})[0].met is None
+    assert bench_targets.suite_targets({})[0].met is None
