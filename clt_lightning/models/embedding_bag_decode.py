@@ -81,7 +81,7 @@ class EmbeddingBagDecode(torch.autograd.Function):
             grad_values = _per_slot_dot_sorted(grad_out, table, indices, codes_t, keys)
             grad_values = grad_values.view_as(values)
         elif need_values:
-            grad_values = _per_slot_dot(grad_out, table, indices).view_as(values)
+            grad_values = per_slot_dot(grad_out, table, indices).view_as(values)
         if need_weight and codes_t is not None:
             grad_weight = GRAD_RECYCLER.empty_like(weight)  # written in full by addmm
             out = grad_weight.view(table.shape)
@@ -107,15 +107,39 @@ def _code_matrix(values: Tensor, indices: Tensor, n_latents: int) -> tuple[Tenso
     )
 
 
-def _per_slot_dot(grad_out: Tensor, table: Tensor, indices: Tensor) -> Tensor:
-    """``<grad_out[b], table[indices[b, j]]>`` for every slot, flat [B k] (no gathered copy)."""
+PER_SAMPLE_WEIGHTS_BACKWARD = getattr(
+    torch.ops.aten, "_embedding_bag_per_sample_weights_backward", None
+)
+"""ATen's per-slot dot-product kernel (the backward of `F.embedding_bag` with respect to
+``per_sample_weights``). A private ATen op: where a torch release drops it, this is None
+and `per_slot_dot` takes the same values through `F.embedding_bag`'s public autograd."""
+
+
+def per_slot_dot(
+    grad_out: Tensor, table: Tensor, indices: Tensor, *, kernel: bool = True
+) -> Tensor:
+    """``<grad_out[b], table[indices[b, j]]>`` for every slot, flat [B k] (no gathered copy).
+
+    Args:
+        grad_out: [B, D] gradient of one source's decoded output.
+        table: [F, D] decoder rows of that source.
+        indices: [B, k] int64 latent indices.
+        kernel: Call ATen's kernel directly when this torch has it (one pass); False (or a
+            torch without it) differentiates a unit-weight `F.embedding_bag` instead (public
+            API, the same values, one extra forward pass).
+    """
     n_tokens, k = indices.shape
     flat = indices.reshape(-1)
     offsets = torch.arange(0, n_tokens * k, k, device=flat.device)
-    offset2bag = torch.arange(n_tokens, device=flat.device).repeat_interleave(k)
-    return torch.ops.aten._embedding_bag_per_sample_weights_backward(
-        grad_out, table, flat, offsets, offset2bag, 0, -1
-    )
+    if kernel and PER_SAMPLE_WEIGHTS_BACKWARD is not None:
+        offset2bag = torch.arange(n_tokens, device=flat.device).repeat_interleave(k)
+        return PER_SAMPLE_WEIGHTS_BACKWARD(grad_out, table, flat, offsets, offset2bag, 0, -1)
+    with torch.enable_grad():  # inside an autograd backward, grad mode is off
+        weights = torch.ones(flat.shape, dtype=table.dtype, device=table.device,
+                             requires_grad=True)  # fmt: skip
+        out = F.embedding_bag(flat, table.detach(), offsets, mode="sum",
+                              per_sample_weights=weights)  # fmt: skip
+        return torch.autograd.grad(out, weights, grad_out)[0]
 
 
 def _per_slot_dot_sorted(
@@ -123,7 +147,7 @@ def _per_slot_dot_sorted(
 ) -> Tensor:
     """``<grad_out[b], table[indices[b, j]]>`` for every slot, flat [B k], row by row.
 
-    Same values as :func:`_per_slot_dot`, but computed at the entries of the coalesced
+    Same values as :func:`per_slot_dot`, but computed at the entries of the coalesced
     [F, B] code matrix ``codes_t`` (``torch.sparse.sampled_addmm``), which are sorted by
     latent: a decoder row shared by several tokens is read from memory once and then from
     cache, instead of once per slot (measured ~2x faster at the paper shape, B=128,

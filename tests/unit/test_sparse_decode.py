@@ -521,3 +521,25 @@ def test_second_backward_with_retained_graph_gives_the_same_gradients() -> None:
     second = torch.autograd.grad(out, inputs, torch.ones_like(out))
     for a, b in zip(first, second, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_slot_dot_kernel_and_public_fallback_match_a_gathered_reference(dtype) -> None:
+    """The values gradient's per-slot dot products: ATen's private kernel (when torch has
+    it) and the public `F.embedding_bag` autograd fallback, against an explicit gather."""
+    from clt_lightning.models.embedding_bag_decode import PER_SAMPLE_WEIGHTS_BACKWARD, per_slot_dot
+
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(40, 12, generator=g).to(dtype)
+    grad_out = torch.randn(7, 12, generator=g).to(dtype)
+    indices = torch.randint(0, 40, (7, 5), generator=g)
+    indices[0] = 3  # one latent in every slot of a token
+    reference = (grad_out.double()[:, None, :] * table.double()[indices]).sum(-1).flatten()
+    tolerance = (
+        {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 0.1, "rtol": 0.02}
+    )
+    fallback = per_slot_dot(grad_out, table, indices, kernel=False)
+    assert fallback.dtype == dtype and fallback.shape == (35,)
+    torch.testing.assert_close(fallback.double(), reference, **tolerance)
+    if PER_SAMPLE_WEIGHTS_BACKWARD is not None:
+        torch.testing.assert_close(per_slot_dot(grad_out, table, indices), fallback)
