@@ -217,14 +217,16 @@ def cascade_plot(
     fig = Figure(figsize=(6.5, 4.2))
     ax = fig.add_subplot()
     starts: Sequence[int] = result.starts
+    # the baseline under the modes: a mode at the teacher's accuracy stays visible on it
+    ax.axhline(result.baseline[metric], color="black", linestyle="--", label="baseline",
+               zorder=1)  # fmt: skip
     for mode in result.modes:
-        ax.plot(starts, result.accuracy[mode][metric], marker="o", label=mode)
-    ax.axhline(result.baseline[metric], color="black", linestyle="--", label="baseline")
+        ax.plot(starts, result.accuracy[mode][metric], marker="o", label=mode, zorder=2)
     ax.set_xticks(list(starts))
     ax.set_xlabel(f"first replaced layer s (window s→{result.n_layers - 1})")
     ax.set_ylabel(f"{'top-1' if metric == 'top1' else 'top-5'} accuracy (%)")
     ax.set_title(title or f"cascaded replacement ({result.n_images} images)")
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # off the data
     fig.tight_layout()
     return save_figure(fig, path)
