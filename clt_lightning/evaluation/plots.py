@@ -217,11 +217,11 @@ def cascade_plot(
     fig = Figure(figsize=(6.5, 4.2))
     ax = fig.add_subplot()
     starts: Sequence[int] = result.starts
-    # the baseline under the modes: a mode at the teacher's accuracy stays visible on it
-    ax.axhline(result.baseline[metric], color="black", linestyle="--", label="baseline",
-               zorder=1)  # fmt: skip
     for mode in result.modes:
         ax.plot(starts, result.accuracy[mode][metric], marker="o", label=mode, zorder=2)
+    # drawn under the modes: a mode at the teacher's accuracy stays visible on it
+    ax.axhline(result.baseline[metric], color="black", linestyle="--", label="baseline",
+               zorder=1)  # fmt: skip
     ax.set_xticks(list(starts))
     ax.set_xlabel(f"first replaced layer s (window s→{result.n_layers - 1})")
     ax.set_ylabel(f"{'top-1' if metric == 'top1' else 'top-5'} accuracy (%)")
