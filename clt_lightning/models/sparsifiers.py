@@ -345,7 +345,7 @@ class Sparsifier(nn.Module):
         """
         z, codes = self.apply_sparsity(pre, slice(None), want_codes)
         if self.training:
-            self._update_statistics(z)
+            self.update_statistics(z)
         return z, codes
 
     def activate_layer(self, layer: int, pre: Tensor) -> Tensor:
@@ -374,8 +374,10 @@ class Sparsifier(nn.Module):
         return {}
 
     @torch.no_grad()
-    def _update_statistics(self, z: Tensor) -> None:
-        """Count tokens since each latent fired, from activations z [B, L, F]."""
+    def update_statistics(self, z: Tensor) -> None:
+        """Count tokens since each latent fired, from activations z [B, L, F] (training-mode
+        `activate` calls only). A sparsifier that learns from the batch's activations
+        (BatchTopK's running threshold) extends it, calling this one first."""
         self.record_fired((z != 0).any(dim=0), z.shape[0])
 
     def calibrated_threshold(self, pre_batches: Iterable[Tensor]) -> Tensor | None:

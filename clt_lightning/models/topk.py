@@ -300,8 +300,8 @@ class BatchTopK(_TopKBase):
         self.threshold_updates.clamp_(min=1)
 
     @torch.no_grad()
-    def _update_statistics(self, z: Tensor) -> None:
-        super()._update_statistics(z)
+    def update_statistics(self, z: Tensor) -> None:
+        super().update_statistics(z)
         kept_min = self._kept_min(z)
         valid = torch.isfinite(kept_min)
         ema = self.config.threshold_ema
