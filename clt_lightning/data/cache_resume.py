@@ -39,9 +39,10 @@ from clt_lightning.data.cache_manifest import validate_manifest
 from clt_lightning.data.cache_shards import CacheState
 from clt_lightning.data.cache_stats import Moments
 from clt_lightning.data.datasets import resolve_split
-from clt_lightning.errors import CacheError, CorruptShardError, DiskSpaceError
+from clt_lightning.errors import CacheError, ConfigError, CorruptShardError, DiskSpaceError
 from clt_lightning.files import human_bytes
 from clt_lightning.hashing import file_sha256, json_sha256
+from clt_lightning.teacher_loading import read_model_config
 
 if TYPE_CHECKING:
     from clt_lightning.data.datasets import DatasetConfig
@@ -228,12 +229,11 @@ def config_mismatches(
 
 
 def _model_config_sha256(path: str) -> str | None:
-    """The teacher identity's `model_config_sha256`: sha256 of the JSON with sorted keys."""
+    """The teacher identity's `model_config_sha256` (the same read and hash as `Teacher`)."""
     try:
-        config = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
+        return json_sha256(read_model_config(Path(path)))
+    except ConfigError:
         return None  # the teacher reports the bad file when it is built
-    return json_sha256(config)
 
 
 def settings_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
